@@ -1,0 +1,1 @@
+"""SplitQ post-training quantization for VLMs (llm-compressor plugin)."""
