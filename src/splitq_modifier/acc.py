@@ -1,0 +1,187 @@
+"""ACC: adaptive cross-modal calibration of the main path with gated low-rank branches.
+
+Both branches share one parameterisation (paper section 4.3, DESIGN.md 1.4): the truncated
+SVD of the transformed main weight ``W~ = U S V^T`` is computed once and frozen; only a gate
+``g`` (one value per kept singular direction) is learned, so a branch is
+``B(g) = U_r diag(g) S_r V_r^T``. It runs as two quantized factors: ``down = sqrt(S_r) V_r^T``
+(``r x k_main``) and ``up = U_r diag(g sqrt(S_r))`` (``d_out x r``). Splitting ``S`` evenly keeps
+the rank-``r`` intermediate balanced for its per-token quantizer; the gate sits on ``up``.
+
+- CWS (cross-modal weight smoothing): the main weight becomes ``W_res = W~ - B(g_c)``; the
+  branch computes ``Q(Q(X~) down^T) up^T``, its factors and intermediate at >= 4 bits.
+- MAC (modality-specific activation compensation): a text-only branch added to text-token
+  rows. ``input="residual"`` (default) feeds it the activation quantization error
+  ``E = X~ - Q(X~)`` so that it restores ``E W~^T``; ``input="act"`` feeds it ``Q(X~)`` with the
+  gate initialised at 0, i.e. a learned text-only weight correction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from splitq_modifier.quant import fake_quant, quantize_sym
+
+__all__ = ["QuantBranch", "LowRankBranch", "FrozenLowRankBranch", "branch_rank"]
+
+
+@dataclass(frozen=True)
+class QuantBranch:
+    """Configuration of one low-rank branch.
+
+    :param rank_ratio: rank as a fraction of the main weight's full rank (``min(d_out, k)``)
+    :param bits: bits of the factors and of the branch's activations (>= 4 by the paper)
+    :param learn_gate: learn the gate (False = the paper's fixed-SVD appendix ablation)
+    :param input: what the branch reads (MAC only; CWS always reads ``Q(X~)``):
+        ``"residual"`` or ``"act"``
+    """
+
+    rank_ratio: float
+    bits: int = 4
+    learn_gate: bool = True
+    input: Literal["residual", "act"] = "residual"
+
+
+def branch_rank(ratio: float, d_out: int, k: int) -> int:
+    """Rank of a branch: ``ceil(ratio * min(d_out, k))``, at least 1."""
+    return max(1, math.ceil(ratio * min(d_out, k)))
+
+
+def _branch(
+    u: torch.Tensor,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    bits: int,
+    quantize: bool,
+    quantize_input: bool,
+) -> torch.Tensor:
+    """``Q(Q(u) down^T) up^T``: (quantize the input,) project down, quantize, project up."""
+    if quantize and quantize_input:
+        u = fake_quant(u, bits)
+    h = u @ down.T
+    if quantize:
+        h = fake_quant(h, bits)
+    return h @ up.T
+
+
+def _text_only(dy: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero the rows of non-text tokens (no mask = every token is text, as at decode)."""
+    return dy if mask is None else dy * mask.unsqueeze(-1).to(dy.dtype)
+
+
+def _mac_input(kind: str, xs: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
+    return xs - xq if kind == "residual" else xq
+
+
+class LowRankBranch(nn.Module):
+    """A gated low-rank branch built from the SVD of a (transformed) main weight.
+
+    :param w_main: the transformed main-path weight ``W~`` (``d_out x k``), used once for SVD
+    :param cfg: rank, bits, gate and input settings
+    """
+
+    def __init__(self, w_main: torch.Tensor, cfg: QuantBranch):
+        super().__init__()
+        if cfg.bits < 4:
+            raise ValueError(f"low-rank branches use at least 4 bits, got {cfg.bits}")
+        self.cfg = cfg
+        w = w_main.detach().float()
+        r = branch_rank(cfg.rank_ratio, *w.shape)
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        root = s[:r].sqrt()
+        self.register_buffer("u_r", u[:, :r] * root)
+        self.register_buffer("down", root[:, None] * vh[:r])
+        gate0 = 0.0 if cfg.input == "act" else 1.0
+        self.gate = nn.Parameter(torch.full((r,), gate0), requires_grad=cfg.learn_gate)
+
+    @property
+    def rank(self) -> int:
+        """Number of singular directions kept."""
+        return self.gate.numel()
+
+    def up(self) -> torch.Tensor:
+        """``U_r diag(g sqrt(S_r))``."""
+        return self.u_r * self.gate
+
+    def weight(self) -> torch.Tensor:
+        """The dense branch ``B(g) = up @ down`` (what CWS takes out of the main weight)."""
+        return self.up() @ self.down
+
+    def _factors(self, quantize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        down, up = self.down, self.up()
+        if quantize:
+            down, up = fake_quant(down, self.cfg.bits), fake_quant(up, self.cfg.bits)
+        return down, up
+
+    def forward(self, xq_main: torch.Tensor, quantize: bool = True) -> torch.Tensor:
+        """CWS: the branch output for the (quantized) transformed main activation."""
+        down, up = self._factors(quantize)
+        return _branch(xq_main, down, up, self.cfg.bits, quantize, False)
+
+    def text_compensation(
+        self,
+        xs_main: torch.Tensor,
+        xq_main: torch.Tensor,
+        context,
+        quantize: bool = True,
+    ) -> torch.Tensor:
+        """MAC: the compensation added to text-token rows."""
+        mask = None if context is None else context.mask_for(xs_main)
+        down, up = self._factors(quantize)
+        u = _mac_input(self.cfg.input, xs_main, xq_main)
+        return _text_only(_branch(u, down, up, self.cfg.bits, quantize, True), mask)
+
+    @torch.no_grad()
+    def freeze(self) -> FrozenLowRankBranch:
+        """Integer factors with the gate folded into ``up``."""
+        d_int, d_scale = quantize_sym(self.down, self.cfg.bits)
+        u_int, u_scale = quantize_sym(self.up(), self.cfg.bits)
+        return FrozenLowRankBranch(
+            down_int=d_int.to(torch.int8),
+            down_scale=d_scale.squeeze(1),
+            up_int=u_int.to(torch.int8),
+            up_scale=u_scale.squeeze(1),
+            bits=self.cfg.bits,
+            input=self.cfg.input,
+        )
+
+
+class FrozenLowRankBranch(nn.Module):
+    """A calibrated branch: integer ``down`` (``r x k``) and ``up`` (``d_out x r``) factors."""
+
+    def __init__(
+        self,
+        down_int: torch.Tensor,
+        down_scale: torch.Tensor,
+        up_int: torch.Tensor,
+        up_scale: torch.Tensor,
+        bits: int,
+        input: str = "residual",
+    ):
+        super().__init__()
+        self.bits = bits
+        self.input = input
+        self.register_buffer("down_int", down_int)
+        self.register_buffer("down_scale", down_scale.float())
+        self.register_buffer("up_int", up_int)
+        self.register_buffer("up_scale", up_scale.float())
+
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        down = self.down_int.float() * self.down_scale[:, None]
+        up = self.up_int.float() * self.up_scale[:, None]
+        return down, up
+
+    def forward(self, xq_main: torch.Tensor) -> torch.Tensor:
+        """CWS branch output."""
+        return _branch(xq_main, *self._factors(), self.bits, True, False)
+
+    def text_compensation(
+        self, xs_main: torch.Tensor, xq_main: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """MAC compensation, text rows only."""
+        u = _mac_input(self.input, xs_main, xq_main)
+        return _text_only(_branch(u, *self._factors(), self.bits, True, True), mask)

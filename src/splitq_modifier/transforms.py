@@ -1,0 +1,122 @@
+"""Learnable invertible per-path transforms (FlatQuant-style affine form).
+
+Each path p of a split linear (vision-outlier, text-outlier, main) gets
+``P = diag(c) (A kron B)``: activations become ``(x * c) (A kron B)`` and weights
+``(w / c) (A kron B)^-T``, so that the product of the two equals ``x w^T`` exactly when
+nothing is quantized. Each Kronecker factor is ``U diag(sigma) V^T`` with ``U`` and ``V``
+kept orthogonal by ``torch.nn.utils.parametrizations.orthogonal`` and ``sigma > 0``
+(stored as its log), so the inverse-transpose is ``U diag(1/sigma) V^T``: no matrix
+inverse is ever taken.
+
+Small paths (the outlier paths, 2% of the channels) use one dense factor; large paths use
+the two divisors of their width nearest its square root.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import orthogonal
+
+__all__ = ["InvertibleFactor", "PathTransform", "balanced_factors", "apply_kron"]
+
+#: Paths at most this wide use a single dense factor instead of a Kronecker pair.
+DENSE_MAX = 64
+
+
+def balanced_factors(n: int) -> tuple[int, int]:
+    """The divisor pair ``(a, b)``, ``a <= b``, ``a * b = n``, with ``a`` nearest sqrt(n)."""
+    if n <= 0:
+        raise ValueError(f"cannot factor a path of width {n}")
+    a = int(math.isqrt(n))
+    while n % a:
+        a -= 1
+    return a, n // a
+
+
+def apply_kron(x: torch.Tensor, mats: list[torch.Tensor]) -> torch.Tensor:
+    """Compute ``x @ (M_1 kron M_2 ...)`` on the last dim of ``x`` without forming the product.
+
+    One matrix is a plain matmul; two act on ``x`` viewed as ``(..., a, b)`` as
+    ``M_1^T X M_2`` (row-major vec of ``X``).
+    """
+    if len(mats) == 1:
+        return x @ mats[0]
+    a_mat, b_mat = mats
+    a, b = a_mat.shape[0], b_mat.shape[0]
+    lead = x.shape[:-1]
+    xr = x.reshape(*lead, a, b)
+    out = torch.matmul(a_mat.transpose(0, 1), xr) @ b_mat
+    return out.reshape(*lead, a * b)
+
+
+class InvertibleFactor(nn.Module):
+    """One learnable invertible ``n x n`` matrix ``U diag(exp(log_sigma)) V^T``.
+
+    Initialised at the identity. ``matrix()`` gives the matrix, ``inverse_t()`` its
+    inverse-transpose, both differentiable.
+    """
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.u = orthogonal(nn.Linear(n, n, bias=False))
+        self.v = orthogonal(nn.Linear(n, n, bias=False))
+        with torch.no_grad():
+            self.u.weight = torch.eye(n)
+            self.v.weight = torch.eye(n)
+        self.log_sigma = nn.Parameter(torch.zeros(n))
+
+    def matrix(self) -> torch.Tensor:
+        """``U diag(sigma) V^T``."""
+        return (self.u.weight * self.log_sigma.exp()) @ self.v.weight.T
+
+    def inverse_t(self) -> torch.Tensor:
+        """``(U diag(sigma) V^T)^-T = U diag(1/sigma) V^T``."""
+        return (self.u.weight * (-self.log_sigma).exp()) @ self.v.weight.T
+
+
+class PathTransform(nn.Module):
+    """The transform of one path: smoothing scale ``c`` and one or two invertible factors.
+
+    :param n: path width (number of input channels routed to this path)
+    :param smooth: initial smoothing scale ``c`` (shape ``(n,)``, positive); ones if None
+    :param learn_factors: when False only the smoothing scale is kept (SmoothQuant-like)
+    """
+
+    def __init__(self, n: int, smooth: torch.Tensor | None = None, learn_factors: bool = True):
+        super().__init__()
+        self.n = n
+        init = torch.ones(n) if smooth is None else smooth.detach().float().reshape(n)
+        if n and not bool(torch.isfinite(init).all() and (init > 0).all()):
+            raise ValueError("smoothing scales must be finite and positive")
+        self.log_c = nn.Parameter(init.log())
+        self.factors = nn.ModuleList()
+        if n and learn_factors:
+            dims = [n] if n <= DENSE_MAX else list(balanced_factors(n))
+            if len(dims) == 2 and dims[0] == 1:
+                dims = [n]  # prime width: one dense factor
+            self.factors.extend(InvertibleFactor(k) for k in dims)
+
+    def act_mats(self) -> list[torch.Tensor]:
+        """Matrices applied to activations (Kronecker factors of ``A kron B``)."""
+        return [f.matrix() for f in self.factors]
+
+    def weight_mats(self) -> list[torch.Tensor]:
+        """Matrices applied to weight rows (factors of ``(A kron B)^-T``)."""
+        return [f.inverse_t() for f in self.factors]
+
+    def transform_act(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x * c) (A kron B)`` on the last dim."""
+        if self.n == 0:
+            return x
+        x = x * self.log_c.exp()
+        return apply_kron(x, self.act_mats()) if len(self.factors) else x
+
+    def transform_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """``(w / c) (A kron B)^-T`` on the rows of ``w`` (shape ``(d_out, n)``)."""
+        if self.n == 0:
+            return w
+        w = w * (-self.log_c).exp()
+        return apply_kron(w, self.weight_mats()) if len(self.factors) else w
