@@ -11,6 +11,7 @@ recipes can name it, and then use ``oneshot`` as usual::
 
 from llmcompressor.modifiers.factory import ModifierFactory
 
+from splitq_modifier import format as _format  # noqa: F401  (registers splitq-packed)
 from splitq_modifier.modifier import SplitQModifier
 
 ModifierFactory.register("SplitQModifier", SplitQModifier)

@@ -53,18 +53,30 @@ def _run(layer: nn.Module, s: LayerSample, set_mask: Callable[[torch.Tensor | No
     return layer_output(layer(*s.args, **s.kwargs))
 
 
+def _layer_input(s: LayerSample) -> torch.Tensor | None:
+    x = s.args[0] if s.args else s.kwargs.get("hidden_states")
+    return x if isinstance(x, torch.Tensor) and x.shape == s.target.shape else None
+
+
 def layer_loss(
     layer: nn.Module,
     samples: list[LayerSample],
     set_mask: Callable[[torch.Tensor | None], None] = lambda m: None,
 ) -> float:
-    """Mean relative squared error ``||Y_q - Y||^2 / ||Y||^2`` of the layer over samples."""
+    """Mean relative squared error of the layer over samples.
+
+    Relative to the layer's own contribution ``||Y_q - Y||^2 / ||Y - X||^2`` when the output
+    has the shape of the input (a residual block: the residual stream itself, often carrying
+    massive activations, is not what the layer computes), else to ``||Y||^2``.
+    """
     total = 0.0
     with torch.no_grad(), parametrize.cached():
         for s in samples:
             out = _run(layer, s, set_mask).float()
             t = s.target.float()
-            total += float((out - t).pow(2).sum() / t.pow(2).sum().clamp(min=1e-12))
+            x = _layer_input(s)
+            ref = t if x is None else t - x.float()
+            total += float((out - t).pow(2).sum() / ref.pow(2).sum().clamp(min=1e-12))
     return total / max(len(samples), 1)
 
 

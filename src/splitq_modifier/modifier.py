@@ -27,12 +27,12 @@ from typing import Literal
 
 import torch
 from compressed_tensors.utils import match_named_modules
-from loguru import logger
-from pydantic import Field, PrivateAttr, model_validator
-
 from llmcompressor.core import Event, State, active_session
 from llmcompressor.modifiers import Modifier
 from llmcompressor.modifiers.utils.hooks import HooksMixin
+from loguru import logger
+from pydantic import Field, PrivateAttr, model_validator
+
 from splitq_modifier.acc import QuantBranch
 from splitq_modifier.arch import ArchSpec, find_sites, get_arch, is_decoder_layer, vision_token_ids
 from splitq_modifier.calibrate import LayerSample, TrainConfig, layer_output, train_layer
@@ -308,9 +308,7 @@ class SplitQModifier(Modifier):
                 setattr(parent, attr, q)
                 swapped.append((parent, attr, q))
             site.stats = None  # free the statistics
-        cfg = TrainConfig(
-            self.epochs, self.lr, self.clip_lr_multiplier, self.batch_size, self.seed
-        )
+        cfg = TrainConfig(self.epochs, self.lr, self.clip_lr_multiplier, self.batch_size, self.seed)
         with HooksMixin.disable_hooks():
             before, after = train_layer(layer, samples, cfg, self._set_mask, desc=f"SplitQ {name}")
         for parent, attr, q in swapped:

@@ -62,7 +62,10 @@ def _qwen(hidden: int, layers: int, vocab: int):
             bos_token_id=None,
             eos_token_id=None,
             pad_token_id=None,
-            rope_scaling={"type": "mrope", "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]},
+            rope_scaling={
+                "type": "mrope",
+                "mrope_section": [half - 2 * (half // 3), half // 3, half // 3],
+            },
         ),
         vision_config=dict(
             depth=1,
@@ -110,7 +113,7 @@ def _llava(hidden: int, layers: int, vocab: int):
             patch_size=14,
         ),
         image_token_id=vocab - 4,
-        vision_feature_select_strategy="full",
+        vision_feature_select_strategy="default",
     )
     return LlavaForConditionalGeneration(cfg)
 

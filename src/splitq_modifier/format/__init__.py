@@ -1,0 +1,53 @@
+"""The ``splitq-packed`` compressed-tensors format: save, reload and run from packed weights.
+
+Importing this subpackage (``import splitq_modifier`` does) registers everything:
+
+- ``CompressionFormat.splitq_packed`` (compressed-tensors' closed format enum, extended in
+  place) and :class:`SplitQPackedCompressor` under the name ``splitq-packed``
+  (:mod:`.registry`, :mod:`.compressor`);
+- a wrapper of ``ModelCompressor.from_pretrained_model`` that attaches the SplitQ schemes
+  before llm-compressor's ``save_pretrained(dir, save_compressed=True)`` compresses the model
+  (:mod:`.save`);
+- :class:`SplitQCompressedTensorsHfQuantizer` as transformers' ``compressed-tensors``
+  quantizer, which turns loaded SplitQ linears into :class:`FrozenSplitQLinear` modules
+  (:mod:`.load`).
+
+See ``docs/format.md``.
+"""
+
+from splitq_modifier.format.compressor import SplitQPackedCompressor
+from splitq_modifier.format.load import (
+    SplitQCompressedTensorsHfQuantizer,
+    check_checkpoint,
+    convert_loaded_model,
+    install_loader,
+)
+from splitq_modifier.format.registry import register_format
+from splitq_modifier.format.save import install_save_hook, link_sites, prepare_model_for_save
+from splitq_modifier.format.spec import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    SUPPORTED_VERSIONS,
+    BranchSpec,
+    LinearSpec,
+    SplitQFormatError,
+)
+
+register_format()
+install_save_hook()
+install_loader()
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "SUPPORTED_VERSIONS",
+    "BranchSpec",
+    "LinearSpec",
+    "SplitQCompressedTensorsHfQuantizer",
+    "SplitQFormatError",
+    "SplitQPackedCompressor",
+    "check_checkpoint",
+    "convert_loaded_model",
+    "link_sites",
+    "prepare_model_for_save",
+]

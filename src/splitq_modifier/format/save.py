@@ -1,0 +1,173 @@
+"""Saving: attach ``splitq-packed`` schemes to the SplitQ linears of a model.
+
+llm-compressor's ``model.save_pretrained(dir, save_compressed=True)`` (installed on the model by
+``oneshot``) builds a compressed-tensors ``ModelCompressor`` from the model: it collects each
+module's ``quantization_scheme`` into config groups, infers each module's format, compresses
+each module's state dict with that format's compressor, saves, and writes
+``quantization_config`` into ``config.json``. ``SplitQModifier`` leaves
+:class:`FrozenSplitQLinear` modules without schemes (a scheme needs the module's name, for its
+``targets``), so :func:`prepare_model_for_save` runs first (``import splitq_modifier`` wraps
+``ModelCompressor.from_pretrained_model`` to call it). It
+
+1. links the linears of one activation site (siblings with bit-identical site tensors, e.g.
+   ``q_proj``/``k_proj``/``v_proj``): the first stores ``perm``, ``act_clip``, ``smooth_*``,
+   ``factor_*``; the others alias them and record ``site: "q_proj"`` in their spec;
+2. groups the linears by :class:`LinearSpec` and gives each group one scheme whose targets are
+   ``re:`` patterns of the module names with layer indices generalised (checked to match
+   exactly that group), or the exact names where no pattern does.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+from compressed_tensors.compressors import ModelCompressor
+from compressed_tensors.quantization import QuantizationStatus
+from torch import nn
+
+from splitq_modifier.format.spec import FORMAT_NAME, LinearSpec, SplitQFormatError, is_splitq_scheme
+from splitq_modifier.split_linear import FrozenSplitQLinear
+
+__all__ = [
+    "splitq_linears",
+    "link_sites",
+    "prepare_model_for_save",
+    "group_name_hint",
+    "install_save_hook",
+]
+
+#: Config group names of SplitQ schemes carry this hint: transformers' config validation error
+#: (raised when the package is not imported) quotes the group name.
+GROUP_HINT = "requires `import splitq_modifier` before loading"
+
+
+def group_name_hint(index: int) -> str:
+    """Name of the ``index``-th splitq-packed config group."""
+    return f"splitq-packed_{index} ({GROUP_HINT})"
+
+
+def splitq_linears(model: nn.Module) -> list[tuple[str, FrozenSplitQLinear]]:
+    """``(name, module)`` of every :class:`FrozenSplitQLinear` in ``model``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, FrozenSplitQLinear)]
+
+
+def link_sites(model: nn.Module) -> int:
+    """Store each site's tensors once: siblings with identical site tensors alias the first.
+
+    Existing links are kept when still valid. Returns the number of linked linears.
+    """
+    linked = 0
+    for parent in model.modules():
+        children = [(n, c) for n, c in parent.named_children() if isinstance(c, FrozenSplitQLinear)]
+        if len(children) < 2:
+            continue
+        by_name = dict(children)
+        owners: list[tuple[str, FrozenSplitQLinear]] = []
+        for name, child in children:
+            if child.site_ref is not None:
+                owner = by_name.get(child.site_ref)
+                valid = (
+                    owner is not None
+                    and owner.site_ref is None
+                    and all(
+                        getattr(child, t) is getattr(owner, t) for t in child.site_tensor_names()
+                    )
+                )
+                if valid:
+                    linked += 1
+                    continue
+                child.unlink_site()
+            for owner_name, owner in owners:
+                if child.shares_site_with(owner):
+                    child.link_site(owner, owner_name)
+                    linked += 1
+                    break
+            else:
+                owners.append((name, child))
+    return linked
+
+
+def _pattern(name: str) -> str:
+    parts = name.split(".")
+    return "^" + r"\.".join(r"\d+" if p.isdigit() else re.escape(p) for p in parts) + "$"
+
+
+def _targets(names: list[str], all_names: list[str]) -> list[str]:
+    patterns = sorted({_pattern(n) for n in names})
+    regexes = [re.compile(p) for p in patterns]
+    matched = {n for n in all_names if any(r.match(n) for r in regexes)}
+    if matched == set(names):
+        return ["re:" + p for p in patterns]
+    return sorted(names)
+
+
+def prepare_model_for_save(model: nn.Module) -> int:
+    """Link sites and attach a ``splitq-packed`` scheme to every SplitQ linear.
+
+    Called automatically by ``ModelCompressor.from_pretrained_model`` once the package is
+    imported; idempotent. Returns the number of SplitQ linears.
+    """
+    link_sites(model)
+    linears = splitq_linears(model)
+    groups: dict[LinearSpec, list[str]] = defaultdict(list)
+    modules = dict(linears)
+    for name, module in linears:
+        groups[LinearSpec.from_module(module)].append(name)
+    all_names = [n for n, _ in model.named_modules()]
+    for spec, names in groups.items():
+        scheme = spec.scheme(_targets(names, all_names))
+        for n in names:
+            m = modules[n]
+            m.quantization_scheme = scheme
+            if getattr(m, "quantization_status", None) != QuantizationStatus.COMPRESSED:
+                m.quantization_status = QuantizationStatus.FROZEN
+    return len(linears)
+
+
+def _rename_groups(compressor: ModelCompressor) -> None:
+    qc = compressor.quantization_config
+    if qc is None:
+        return
+    renamed, i = {}, 0
+    for name, scheme in qc.config_groups.items():
+        if is_splitq_scheme(scheme):
+            renamed[group_name_hint(i)] = scheme
+            i += 1
+        else:
+            renamed[name] = scheme
+    qc.config_groups = renamed
+
+
+def install_save_hook() -> None:
+    """Wrap ``ModelCompressor.from_pretrained_model`` to prepare SplitQ linears (idempotent).
+
+    With SplitQ linears in the model, a ``quantization_format`` other than ``splitq-packed``
+    (including ``save_compressed=False``, which asks for ``dense``) is refused: a SplitQ linear
+    has no dense or pack-quantized form. ``splitq-packed`` given explicitly is not forced on
+    the model's other quantized modules (they keep their own formats).
+    """
+    current = ModelCompressor.__dict__["from_pretrained_model"]
+    if getattr(current, "_splitq_wrapped", False):
+        return
+    original = current.__func__
+
+    def from_pretrained_model(cls, model, quantization_format=None, *args, **kwargs):
+        if not splitq_linears(model):
+            return original(cls, model, quantization_format, *args, **kwargs)
+        fmt = getattr(quantization_format, "value", quantization_format)
+        if fmt not in (None, FORMAT_NAME):
+            raise SplitQFormatError(
+                f"cannot save SplitQ linears as {fmt!r}: they are stored only in the "
+                f"{FORMAT_NAME!r} format (their weights exist only as packed integers with "
+                "online transforms). Save with save_compressed=True and no quantization_format."
+            )
+        prepare_model_for_save(model)
+        compressor = original(cls, model, None, *args, **kwargs)
+        _rename_groups(compressor)
+        return compressor
+
+    wrapped = classmethod(from_pretrained_model)
+    from_pretrained_model._splitq_wrapped = True
+    wrapped._splitq_wrapped = True
+    ModelCompressor.from_pretrained_model = wrapped
