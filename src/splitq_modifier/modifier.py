@@ -46,6 +46,10 @@ from splitq_modifier.split_linear import (
 
 __all__ = ["SplitQModifier"]
 
+#: Decoder-layer kwargs holding a KV cache: replays must not append to (and backpropagate
+#: through) a cache shared between samples.
+_CACHE_KWARGS = ("past_key_values", "past_key_value")
+
 
 class _Site:
     """Calibration bookkeeping of one activation site (not a module)."""
@@ -226,7 +230,7 @@ class SplitQModifier(Modifier):
         detach = lambda v: v.detach() if isinstance(v, torch.Tensor) else v  # noqa: E731
         sample = LayerSample(
             args=tuple(detach(a) for a in args),
-            kwargs={k: detach(v) for k, v in kwargs.items()},
+            kwargs={k: None if k in _CACHE_KWARGS else detach(v) for k, v in kwargs.items()},
             target=hidden.detach().clone(),
             text_mask=text,
         )
