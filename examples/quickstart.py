@@ -20,9 +20,9 @@ import time
 
 import torch
 import yaml
+from llmcompressor import oneshot
 
 import splitq_modifier  # noqa: F401  (registers SplitQModifier for YAML recipes)
-from llmcompressor import oneshot
 from splitq_modifier.tiny import (
     ARCH_CHOICES,
     build_tiny_vlm,

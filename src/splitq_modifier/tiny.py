@@ -146,9 +146,9 @@ def plant_outliers(
     """Plant massive, modality-specific activations, as real VLMs have them.
 
     Text tokens get large, token-varying values on ``text_channels`` (embedding columns
-    whose size spans three decades from token to token, random sign); vision
-    tokens get a large constant on ``vision_channels`` (projector output bias). Sizes are
-    ``magnitude`` times the typical ordinary entry (which is made O(1)). As in trained models, the linears that
+    whose size spans three decades from token to token, random sign); vision tokens get a
+    large constant on ``vision_channels`` (projector output bias). Sizes are ``magnitude``
+    times the typical ordinary entry (made O(1)). As in trained models, the linears that
     read the residual stream give those channels correspondingly small weights, so the
     model's function rests on the ordinary channels, which outlier-blind quantizers crush.
     """
@@ -265,7 +265,7 @@ def synthetic_samples(tiny: TinyVLM, n: int, seq_text: int = 24, seed: int = 0) 
 
 
 def calibration_dataset(samples: list[dict]):
-    """A ``datasets.Dataset`` of the samples, for ``oneshot(dataset=..., data_collator=collate)``."""
+    """A ``datasets.Dataset`` of the samples, for ``oneshot(dataset=ds, data_collator=collate)``."""
     from datasets import Dataset
 
     return Dataset.from_list([{k: v.tolist() for k, v in s.items()} for s in samples])
