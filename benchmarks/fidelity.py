@@ -1,0 +1,279 @@
+"""Fidelity benchmark: SplitQ against llm-compressor's own methods, and the paper's ablations.
+
+Every method quantizes the same language-model linears at the same bits, on the same
+calibration samples, and is scored on the same held-out samples:
+
+- KL(FP || Q) of next-token distributions and top-1 agreement with the FP model, overall and
+  split by vision / text positions;
+- answer accuracy and its retention vs FP, on the trained tiny VLM (``--model trained``).
+
+Models: ``planted`` (tiny random-weight Qwen2.5-VL with planted modality outliers),
+``planted-llava``, ``trained`` (benchmarks/train_tiny_vlm.py: a tiny LLaVA trained on a
+synthetic visual question task, with baked-in outliers), or a hub id / local path of a real
+VLM (``--model Qwen/Qwen2.5-VL-3B-Instruct --dataset <hf dataset>``; needs weights and
+normally a GPU: not runnable in this project's CI).
+
+    python benchmarks/fidelity.py --model planted --settings W4A4 W3A3
+    python benchmarks/fidelity.py --model planted --ablation ladder --settings W3A3 W3A2
+    python benchmarks/fidelity.py --model trained --methods rtn quip splitq
+
+Prints a markdown table per setting, writes JSON (and a PNG plot with matplotlib) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+import splitq_modifier  # noqa: F401
+from llmcompressor import oneshot
+from splitq_modifier import SplitQModifier
+from splitq_modifier.tiny import (
+    build_tiny_vlm,
+    calibration_dataset,
+    clone_model,
+    collate,
+    fidelity,
+    synthetic_samples,
+)
+
+SETTINGS = {"W4A8": (4, 8), "W4A4": (4, 4), "W3A3": (3, 3), "W3A2": (3, 2)}
+LM_LINEARS = "re:.*language_model.*layers.*_proj$"
+
+
+# ----------------------------------------------------------------------------- methods
+def _scheme(wb: int, ab: int, group: bool = False) -> dict:
+    acts = None
+    if ab < 16:
+        acts = dict(num_bits=ab, type="int", symmetric=True, strategy="token", dynamic=True)
+    weights = dict(num_bits=wb, type="int", symmetric=True, strategy="channel")
+    return {"group_0": dict(targets=[LM_LINEARS], weights=weights, input_activations=acts)}
+
+
+def recipe_rtn(wb: int, ab: int, **_) -> list:
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    return [QuantizationModifier(config_groups=_scheme(wb, ab))]
+
+
+def recipe_smoothquant(wb: int, ab: int, **_) -> list:
+    from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+
+    mappings = [
+        [["re:.*language_model.*q_proj", "re:.*language_model.*k_proj",
+          "re:.*language_model.*v_proj"], "re:.*language_model.*input_layernorm"],
+        [["re:.*language_model.*gate_proj", "re:.*language_model.*up_proj"],
+         "re:.*language_model.*post_attention_layernorm"],
+    ]  # fmt: skip
+    return [SmoothQuantModifier(smoothing_strength=0.8, mappings=mappings)] + recipe_rtn(wb, ab)
+
+
+def recipe_gptq(wb: int, ab: int, **_) -> list:
+    from llmcompressor.modifiers.gptq import GPTQModifier
+
+    return [GPTQModifier(config_groups=_scheme(wb, ab), actorder=None)]
+
+
+def recipe_quip_gptq(wb: int, ab: int, **_) -> list:
+    from llmcompressor.modifiers.transform import QuIPModifier
+
+    return [QuIPModifier(targets=[LM_LINEARS], transform_type="random-hadamard")] + recipe_gptq(
+        wb, ab
+    )
+
+
+def recipe_splitq(wb: int, ab: int, epochs: int = 15, **overrides) -> list:
+    return [SplitQModifier(weight_bits=wb, activation_bits=ab, epochs=epochs, **overrides)]
+
+
+BASE = dict(channel_selection="none", cws_rank_ratio=0.0, mac_rank_ratio=0.0)
+
+METHODS: dict[str, Callable[..., list]] = {
+    "rtn": recipe_rtn,
+    "smoothquant": recipe_smoothquant,
+    "gptq": recipe_gptq,
+    "quip": recipe_quip_gptq,
+    "base": lambda wb, ab, **kw: recipe_splitq(wb, ab, **{**kw, **BASE}),
+    "splitq": recipe_splitq,
+}
+
+#: The paper's ablations as method name -> SplitQModifier overrides.
+ABLATIONS: dict[str, dict[str, dict]] = {
+    "ladder": {
+        "base": BASE,
+        "+MOCD": dict(cws_rank_ratio=0.0, mac_rank_ratio=0.0),
+        "+CWS": dict(mac_rank_ratio=0.0),
+        "+MAC": {},
+    },
+    "selection": {
+        rule: dict(channel_selection=rule, cws_rank_ratio=0.0, mac_rank_ratio=0.0)
+        for rule in ("none", "random", "text_max", "vision_max", "multi_max", "multi_mean", "mocd")
+    },
+    "clusters": {
+        f"K={k}": dict(num_clusters=k, cws_rank_ratio=0.0, mac_rank_ratio=0.0) for k in (1, 3, 5)
+    },
+    "mac_input": {
+        "MAC residual": dict(mac_input="residual"),
+        "MAC act": dict(mac_input="act"),
+    },
+    "gates": {"learned gates": {}, "fixed SVD": dict(learn_gates=False)},
+}
+
+
+# ------------------------------------------------------------------------------ models
+@dataclass
+class Bench:
+    """A model and its data: everything a method needs to be run and scored."""
+
+    model: torch.nn.Module
+    path: str
+    tokenizer: object
+    calib: list[dict]
+    evals: list[dict]
+    image_token_id: int
+    accuracy: Callable[[torch.nn.Module], float] | None = None
+
+
+def load_bench(name: str, n_calib: int, n_eval: int, seed: int) -> Bench:
+    """Build or load the benchmark model ``name`` with its calibration / evaluation data."""
+    if name in ("planted", "planted-llava"):
+        arch = "llava" if name == "planted-llava" else "qwen2_5_vl"
+        tiny = build_tiny_vlm(arch, hidden=128, layers=2, seed=seed)
+        return Bench(
+            tiny.model,
+            tiny.path,
+            tiny.tokenizer,
+            synthetic_samples(tiny, n_calib, seed=seed),
+            synthetic_samples(tiny, n_eval, seed=seed + 1000),
+            tiny.image_token_id,
+        )
+    if name == "trained":
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import train_tiny_vlm as tv
+
+        model, task = tv.load_or_train(seed=seed)
+        calib = task.calibration_samples(n_calib)
+        evals = task.eval_samples(n_eval)
+        return Bench(
+            model,
+            model.config.name_or_path,
+            tv.make_tokenizer(task) if hasattr(tv, "make_tokenizer") else None,
+            [tv.model_inputs(s) for s in calib],
+            [tv.model_inputs(s) for s in evals],
+            model.config.image_token_id,
+            accuracy=lambda m: tv.evaluate_accuracy(m, evals),
+        )
+    raise SystemExit(
+        f"--model {name!r}: real VLMs (hub id or path) need their weights and a processed "
+        "dataset; see docs/results.md for the call. Choices here: planted, planted-llava, trained"
+    )
+
+
+def run_method(bench: Bench, fp: torch.nn.Module, recipe: list) -> dict:
+    """Quantize a fresh copy of the FP model with ``recipe`` and score it."""
+    model = clone_model(fp)
+    model.config.name_or_path = bench.path
+    start = time.time()
+    oneshot(
+        model=model,
+        dataset=calibration_dataset(bench.calib),
+        data_collator=collate,
+        recipe=recipe,
+        num_calibration_samples=len(bench.calib),
+        processor=bench.tokenizer,
+    )
+    row = fidelity(fp, model, bench.evals, bench.image_token_id)
+    row["seconds"] = time.time() - start
+    if bench.accuracy is not None:
+        row["accuracy"] = bench.accuracy(model)
+    return row
+
+
+def _table(setting: str, rows: dict[str, dict], fp_acc: float | None) -> str:
+    head = "| method | KL(FP‖Q) | KL text | KL vision | top-1 | top-1 text |"
+    sep = "|---|---|---|---|---|---|"
+    if fp_acc is not None:
+        head += " accuracy | retention |"
+        sep += "---|---|"
+    lines = [f"\n### {setting}\n", head, sep]
+    for name, r in rows.items():
+        line = (
+            f"| {name} | {r['kl_all']:.4g} | {r.get('kl_text', float('nan')):.4g} "
+            f"| {r.get('kl_vision', float('nan')):.4g} | {r['top1_all']:.3f} "
+            f"| {r.get('top1_text', float('nan')):.3f} |"
+        )
+        if fp_acc is not None:
+            line += f" {r['accuracy']:.3f} | {r['accuracy'] / max(fp_acc, 1e-9):.1%} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _plot(results: dict, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    settings = list(results)
+    methods = list(next(iter(results.values())))
+    fig, ax = plt.subplots(figsize=(1.6 * len(settings) + 3, 3.5))
+    width = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        vals = [results[s][m]["kl_all"] for s in settings]
+        ax.bar([j + i * width for j in range(len(settings))], vals, width, label=m)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(settings))], settings)
+    ax.set_yscale("log")
+    ax.set_ylabel("KL(FP || quantized), lower is better")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="planted")
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--ablation", choices=list(ABLATIONS), help="run a SplitQ ablation instead")
+    p.add_argument("--calib", type=int, default=32)
+    p.add_argument("--eval", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=15, help="SplitQ epochs per layer")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="benchmarks/out")
+    args = p.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    bench = load_bench(args.model, args.calib, args.eval, args.seed)
+    fp = clone_model(bench.model)
+    fp_acc = bench.accuracy(fp) if bench.accuracy else None
+    results: dict[str, dict] = {}
+    for setting in args.settings:
+        wb, ab = SETTINGS[setting]
+        rows = {}
+        if args.ablation:
+            for name, overrides in ABLATIONS[args.ablation].items():
+                rows[name] = run_method(bench, fp, recipe_splitq(wb, ab, args.epochs, **overrides))
+        else:
+            for name in args.methods:
+                rows[name] = run_method(bench, fp, METHODS[name](wb, ab, epochs=args.epochs))
+        results[setting] = rows
+        print(_table(setting, rows, fp_acc), flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    tag = f"{args.model}_{args.ablation or 'methods'}"
+    with open(os.path.join(args.out, f"fidelity_{tag}.json"), "w") as f:
+        json.dump({"args": vars(args), "fp_accuracy": fp_acc, "results": results}, f, indent=1)
+    _plot(results, os.path.join(args.out, f"fidelity_{tag}.png"))
+    return results
+
+
+if __name__ == "__main__":
+    main()
