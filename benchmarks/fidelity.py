@@ -31,9 +31,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from llmcompressor import oneshot
 
 import splitq_modifier  # noqa: F401
-from llmcompressor import oneshot
 from splitq_modifier import SplitQModifier
 from splitq_modifier.tiny import (
     build_tiny_vlm,
