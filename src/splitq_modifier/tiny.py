@@ -27,6 +27,7 @@ __all__ = [
     "rtn_recipe",
     "ARCH_CHOICES",
     "clone_model",
+    "make_tokenizer",
 ]
 
 ARCH_CHOICES = ("qwen2_5_vl", "llava")

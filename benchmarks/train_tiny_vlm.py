@@ -1,0 +1,1005 @@
+"""Train a tiny LLaVA-style VLM on a synthetic visual question task, with planted outliers.
+
+Part of the fidelity benchmark (DESIGN.md section 5 (b)): no real VLM weights can be downloaded
+here, so quantization methods are compared on a tiny VLM that this script trains itself, on a
+visual question task that it renders itself. Before training, modality-specific outlier channels
+are planted in the language model's hidden state and kept frozen, so that the trained model has to
+work with them (a plainly trained tiny VLM has no activation outliers and cannot tell
+quantization methods apart):
+
+* text tokens: a few fixed embedding columns hold large, token-varying values (random sign,
+  magnitude ``text_outlier_scale * U(0.25, 1)``, times the RMS of the ordinary embedding entries);
+* vision tokens: a few *other* fixed channels of the projector output (``linear_2``) get a large
+  frozen bias (``vision_outlier_scale``) plus a small frozen token-varying part;
+* the RMSNorm weights of the language model are frozen at 1 on all planted channels, so the
+  outliers reach the inputs of the q/k/v and gate/up projections in every layer.
+
+Training (plain next-token cross-entropy at the answer positions, AdamW, cosine schedule) uses
+two aids, both training-only (evaluation prompts are single questions, the model is a stock
+``LlavaForConditionalGeneration``): each training sequence holds one image and several
+question/answer pairs, and each image token is also trained to predict, through the LM head, the
+colour and shape words of its cell ("zero" for an empty cell). Without the latter the model sat
+on the question-prior plateau (about 39% accuracy) for 1500 steps; with it, it reads the image
+within a few hundred steps. Questions end with the queried attribute, so that the answer
+position's own token is the attention query.
+
+Usage::
+
+    python benchmarks/train_tiny_vlm.py --seed 0            # full model (2500 steps)
+    python benchmarks/train_tiny_vlm.py --seed 0 --quick    # tiny model (~30 s), for tests
+
+Measured (busy 2-core machine, --threads 1, --steps 1500): 755k parameters, 608 s of
+training, FP accuracy 85.3% and RTN W4A4 52.2% on 1000 held-out questions. The vision outliers
+did not survive training (see the report in meta.json); the text ones did.
+
+A second run with the same arguments loads the cached model from
+``.cache/tiny_vlm/<hash of args>`` instead of retraining. From other scripts::
+
+    from benchmarks.train_tiny_vlm import load_or_train, evaluate_accuracy, make_calibration_dataset
+    model, task = load_or_train(seed=0)
+    acc = evaluate_accuracy(model, task.eval_samples(1000))
+    ds = make_calibration_dataset(task, 128)      # for llmcompressor.oneshot(dataset=ds, ...)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+# Bump when the task, the architecture or the training procedure changes: it is part of the cache
+# key, so stale cached models are never reused.
+FORMAT_VERSION = 4
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CACHE_ROOT = REPO_ROOT / ".cache" / "tiny_vlm"
+
+# ---------------------------------------------------------------------------------------------
+# Vocabulary (own integer ids, no tokenizer)
+# ---------------------------------------------------------------------------------------------
+
+PAD, BOS, IMAGE = "<pad>", "<bos>", "<image>"
+COLOURS = ("red", "green", "blue", "yellow")
+SHAPES = ("square", "circle", "triangle")
+NUMBERS = ("zero", "one", "two", "three", "four", "five")
+YES_NO = ("yes", "no")
+SIDES = ("left", "right")
+_FUNCTION_WORDS = (
+    "what",
+    "colour",
+    "shape",
+    "is",
+    "the",
+    "how",
+    "many",
+    "objects",
+    "object",
+    "are",
+    "there",
+    "a",
+    "of",
+    "which",
+    "side",
+    "on",
+    "?",
+)
+
+
+def _build_vocab() -> list[str]:
+    words = [PAD, BOS, IMAGE, *_FUNCTION_WORDS, *COLOURS, *SHAPES, *NUMBERS, *YES_NO, *SIDES]
+    assert len(set(words)) == len(words)
+    return words
+
+
+VOCAB: list[str] = _build_vocab()
+TOKEN_ID: dict[str, int] = {w: i for i, w in enumerate(VOCAB)}
+PAD_ID, BOS_ID, IMAGE_TOKEN_ID = TOKEN_ID[PAD], TOKEN_ID[BOS], TOKEN_ID[IMAGE]
+ANSWER_WORDS: tuple[str, ...] = (*COLOURS, *SHAPES, *NUMBERS, *YES_NO, *SIDES)
+ANSWER_TOKEN_IDS: tuple[int, ...] = tuple(TOKEN_ID[w] for w in ANSWER_WORDS)
+QUESTION_TYPES = (
+    "colour_of_shape",  # what colour is the <shape>        -> colour
+    "shape_of_colour",  # which shape is <colour>           -> shape
+    "count_colour",  # how many objects are <colour>        -> number
+    "count_shape",  # how many objects are <shape>          -> number
+    "exists",  # is there a <colour> <shape>                -> yes / no
+    "left_of",  # is the <shape> left of the <shape>        -> yes / no
+    "side",  # which side is <colour>                       -> left / right
+)
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyVLMConfig:
+    """Everything that determines the trained model (the cache key is a hash of it)."""
+
+    seed: int = 0
+    # synthetic images: a grid x grid board of cell x cell pixel cells; one patch per cell
+    grid: int = 4
+    cell: int = 8
+    min_objects: int = 2
+    max_objects: int = 5
+    # language model (Llama)
+    text_hidden: int = 128
+    text_layers: int = 3
+    text_heads: int = 4
+    text_intermediate: int = 384
+    # vision tower (CLIP)
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 4
+    vision_intermediate: int = 128
+    # planted outliers (multiples of the RMS of the ordinary channels at planting time)
+    n_text_outliers: int = 3
+    n_vision_outliers: int = 3
+    text_outlier_scale: float = 30.0
+    vision_outlier_scale: float = 30.0
+    # training
+    steps: int = 2500
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup: int = 100
+    train_questions: int = 4  # question/answer pairs per training sequence
+    aux_cell_loss: float = 0.5  # weight of the per-image-token "what is in this cell" loss
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square input image in pixels."""
+        return self.grid * self.cell
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Patch tokens the vision tower produces (CLS dropped by the 'default' strategy)."""
+        return self.grid * self.grid
+
+    def cache_key(self) -> str:
+        """Short hash of all fields plus the format version."""
+        payload = json.dumps(
+            {"v": FORMAT_VERSION, **dataclasses.asdict(self)}, sort_keys=True
+        ).encode()
+        return hashlib.sha256(payload).hexdigest()[:16]
+
+
+QUICK_OVERRIDES: dict[str, Any] = dict(
+    text_hidden=64,
+    text_layers=2,
+    text_heads=2,
+    text_intermediate=128,
+    vision_hidden=32,
+    vision_layers=1,
+    vision_heads=2,
+    vision_intermediate=64,
+    n_text_outliers=2,
+    n_vision_outliers=2,
+    steps=100,
+    batch_size=32,
+    train_questions=2,
+    lr=3e-3,
+    warmup=20,
+)
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic task
+# ---------------------------------------------------------------------------------------------
+
+
+def _shape_masks(cell: int) -> np.ndarray:
+    """Boolean masks [n_shapes, n_off, n_off, cell, cell] of each shape at each pixel offset."""
+    size = cell - 2
+    n_off = cell - size + 1
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    c = (size - 1) / 2.0
+    square = np.ones((size, size), dtype=bool)
+    circle = (yy - c) ** 2 + (xx - c) ** 2 <= (size / 2.0) ** 2 - 0.5
+    triangle = np.abs(xx - c) <= (yy + 1) / 2.0  # apex at the top
+    base = np.stack([square, circle, triangle])
+    out = np.zeros((len(SHAPES), n_off, n_off, cell, cell), dtype=bool)
+    for oy in range(n_off):
+        for ox in range(n_off):
+            out[:, oy, ox, oy : oy + size, ox : ox + size] = base
+    return out
+
+
+_RGB = np.array(
+    [[1.0, 0.1, 0.1], [0.1, 0.9, 0.15], [0.15, 0.35, 1.0], [1.0, 0.9, 0.1]], dtype=np.float32
+)
+
+
+class SyntheticVQATask:
+    """Renders boards of coloured shapes and asks single-token-answer questions about them.
+
+    A board is ``grid x grid`` cells of ``cell`` pixels; 2-5 objects (shape x colour) sit in
+    distinct cells, with pixel jitter, brightness jitter and background noise. Every question is
+    about one board, needs both the image and the question to answer, and has a one-token answer
+    from :data:`ANSWER_TOKEN_IDS`.
+
+    Samples are dicts with ``input_ids`` [L] (long), ``attention_mask`` [L], ``pixel_values``
+    [3, H, W] (float32, normalised to [-1, 1]), ``answer_position`` (index of the last prompt
+    token, whose next-token logits are scored), ``answer_token`` (id), ``labels`` [L] (-100
+    except ``labels[answer_position] = answer_token``; HF shifts labels internally, so this is
+    for the loss helper here, not for the HF loss) and ``qtype`` (question type name).
+    """
+
+    def __init__(self, config: TinyVLMConfig) -> None:
+        self.config = config
+        self.vocab = VOCAB
+        self.token_id = TOKEN_ID
+        self.image_token_id = IMAGE_TOKEN_ID
+        self.pad_token_id = PAD_ID
+        self.answer_token_ids = ANSWER_TOKEN_IDS
+        self._masks = _shape_masks(config.cell)
+
+    # -- streams -------------------------------------------------------------------------------
+
+    def _rng(self, split: str) -> np.random.Generator:
+        salt = {"train": 0, "eval": 1, "calib": 2, "test": 3}[split]
+        return np.random.default_rng([self.config.seed, 7919, salt])
+
+    def train_stream(self, batch_size: int, n_questions: int = 1) -> Iterable[list[dict[str, Any]]]:
+        """Endless, seed-deterministic stream of training batches (lists of samples).
+
+        With ``n_questions > 1`` the samples are :meth:`train_sample` sequences.
+        """
+        rng = self._rng("train")
+        while True:
+            if n_questions == 1:
+                yield [self.sample(rng) for _ in range(batch_size)]
+            else:
+                yield [self.train_sample(rng, n_questions) for _ in range(batch_size)]
+
+    def eval_samples(self, n: int = 1000) -> list[dict[str, Any]]:
+        """Held-out evaluation samples (own random stream, disjoint from training)."""
+        rng = self._rng("eval")
+        return [self.sample(rng) for _ in range(n)]
+
+    def calibration_samples(self, n: int = 128) -> list[dict[str, Any]]:
+        """Calibration samples for quantization (own stream, disjoint from train and eval)."""
+        rng = self._rng("calib")
+        return [self.sample(rng) for _ in range(n)]
+
+    # -- one sample ----------------------------------------------------------------------------
+
+    def sample_scene(self, rng: np.random.Generator) -> list[tuple[int, int, int]]:
+        """A random scene: list of (shape, colour, cell index) with distinct cells."""
+        cfg = self.config
+        n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
+        cells = rng.choice(cfg.grid * cfg.grid, size=n, replace=False)
+        return [
+            (int(rng.integers(len(SHAPES))), int(rng.integers(len(COLOURS))), int(c)) for c in cells
+        ]
+
+    def render(self, scene: Sequence[tuple[int, int, int]], rng: np.random.Generator) -> np.ndarray:
+        """Render a scene to a float32 image [3, H, W] normalised to [-1, 1]."""
+        cfg = self.config
+        img = rng.normal(0.0, 0.03, size=(3, cfg.image_size, cfg.image_size)).astype(np.float32)
+        n_off = self._masks.shape[1]
+        for shape, colour, cell in scene:
+            r, c = divmod(cell, cfg.grid)
+            oy, ox = rng.integers(n_off, size=2)
+            mask = self._masks[shape, oy, ox]
+            rgb = _RGB[colour] * rng.uniform(0.8, 1.0)
+            ys, xs = r * cfg.cell, c * cfg.cell
+            patch = img[:, ys : ys + cfg.cell, xs : xs + cfg.cell]
+            patch[:, mask] = rgb[:, None]
+        return np.clip(img, 0.0, 1.0) * 2.0 - 1.0
+
+    def question(
+        self, scene: Sequence[tuple[int, int, int]], rng: np.random.Generator
+    ) -> tuple[str, list[str], str]:
+        """Pick an applicable question type; return (qtype, question words, answer word)."""
+        cfg = self.config
+        shapes = [s for s, _, _ in scene]
+        colours = [c for _, c, _ in scene]
+        uniq_shapes = [s for s in range(len(SHAPES)) if shapes.count(s) == 1]
+        uniq_colours = [c for c in range(len(COLOURS)) if colours.count(c) == 1]
+        col_of = {s: col for s, col, _ in scene}
+        pos_of_shape = {s: cell % cfg.grid for s, _, cell in scene}
+        pos_of_colour = {c: cell % cfg.grid for _, c, cell in scene}
+        left_pairs = [
+            (a, b)
+            for a in uniq_shapes
+            for b in uniq_shapes
+            if a != b and pos_of_shape[a] != pos_of_shape[b]
+        ]
+        applicable = ["count_colour", "count_shape", "exists"]
+        if uniq_shapes:
+            applicable.append("colour_of_shape")
+        if uniq_colours:
+            applicable += ["shape_of_colour", "side"]
+        if left_pairs:
+            applicable.append("left_of")
+        applicable.sort(key=QUESTION_TYPES.index)
+        qtype = applicable[int(rng.integers(len(applicable)))]
+
+        if qtype == "colour_of_shape":
+            s = uniq_shapes[int(rng.integers(len(uniq_shapes)))]
+            return qtype, ["what", "colour", "is", "the", SHAPES[s]], COLOURS[col_of[s]]
+        if qtype == "shape_of_colour":
+            c = uniq_colours[int(rng.integers(len(uniq_colours)))]
+            s = shapes[colours.index(c)]
+            return qtype, ["which", "shape", "is", COLOURS[c]], SHAPES[s]
+        if qtype == "count_colour":
+            c = int(rng.integers(len(COLOURS)))
+            words = ["how", "many", "objects", "are", COLOURS[c]]
+            return qtype, words, NUMBERS[colours.count(c)]
+        if qtype == "count_shape":
+            s = int(rng.integers(len(SHAPES)))
+            words = ["how", "many", "objects", "are", SHAPES[s]]
+            return qtype, words, NUMBERS[shapes.count(s)]
+        if qtype == "exists":
+            present = set(zip(shapes, colours, strict=True))
+            want = bool(rng.integers(2))
+            pool = [
+                (s, c)
+                for s in range(len(SHAPES))
+                for c in range(len(COLOURS))
+                if ((s, c) in present) == want
+            ]
+            s, c = pool[int(rng.integers(len(pool)))]
+            words = ["is", "there", "a", COLOURS[c], SHAPES[s]]
+            return qtype, words, "yes" if (s, c) in present else "no"
+        if qtype == "left_of":
+            a, b = left_pairs[int(rng.integers(len(left_pairs)))]
+            words = ["is", "the", SHAPES[a], "left", "of", "the", SHAPES[b]]
+            return qtype, words, "yes" if pos_of_shape[a] < pos_of_shape[b] else "no"
+        # side
+        c = uniq_colours[int(rng.integers(len(uniq_colours)))]
+        words = ["which", "side", "is", COLOURS[c]]
+        return qtype, words, "left" if pos_of_colour[c] < cfg.grid // 2 else "right"
+
+    def encode(self, words: Sequence[str]) -> list[int]:
+        """Prompt token ids: <bos> <image> x num_image_tokens, then the question words."""
+        return (
+            [BOS_ID]
+            + [IMAGE_TOKEN_ID] * self.config.num_image_tokens
+            + [TOKEN_ID[w] for w in words]
+        )
+
+    def sample(self, rng: np.random.Generator) -> dict[str, Any]:
+        """Draw one sample (scene, image, question, answer) from ``rng``."""
+        scene = self.sample_scene(rng)
+        image = self.render(scene, rng)
+        qtype, words, answer = self.question(scene, rng)
+        ids = torch.tensor(self.encode(words), dtype=torch.long)
+        labels = torch.full_like(ids, -100)
+        labels[-1] = TOKEN_ID[answer]
+        return {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "pixel_values": torch.from_numpy(image),
+            "answer_position": len(ids) - 1,
+            "answer_token": TOKEN_ID[answer],
+            "labels": labels,
+            "qtype": qtype,
+        }
+
+    def train_sample(self, rng: np.random.Generator, n_questions: int) -> dict[str, Any]:
+        """A training sequence: one image, then ``n_questions`` question/answer pairs.
+
+        ``<bos> <image>... q1 a1 q2 a2 ...`` with the loss on every answer (teacher forcing):
+        several answers per image forward give the model far more grounding signal per step
+        than one. Evaluation uses single-question prompts (the layout of ``q1``).
+        """
+        scene = self.sample_scene(rng)
+        image = self.render(scene, rng)
+        ids = self.encode([])
+        positions, answers = [], []
+        for _ in range(n_questions):
+            _, words, answer = self.question(scene, rng)
+            ids += [TOKEN_ID[w] for w in words]
+            positions.append(len(ids) - 1)
+            answers.append(TOKEN_ID[answer])
+            ids.append(TOKEN_ID[answer])
+        ids_t = torch.tensor(ids[:-1], dtype=torch.long)  # the last answer is never an input
+        # auxiliary dense target per image token: what its cell holds (colour and shape word,
+        # or "zero" for an empty cell)
+        cells = torch.full((self.config.num_image_tokens, 2), TOKEN_ID["zero"], dtype=torch.long)
+        for shape, colour, cell in scene:
+            cells[cell] = torch.tensor([TOKEN_ID[COLOURS[colour]], TOKEN_ID[SHAPES[shape]]])
+        return {
+            "input_ids": ids_t,
+            "attention_mask": torch.ones_like(ids_t),
+            "pixel_values": torch.from_numpy(image),
+            "answer_position": torch.tensor(positions),
+            "answer_token": torch.tensor(answers),
+            "cell_targets": cells,
+        }
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Token ids back to words (image placeholders collapsed)."""
+        words = [VOCAB[int(i)] for i in ids if int(i) != IMAGE_TOKEN_ID]
+        return " ".join(words)
+
+
+def collate(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Right-pad samples into a batch: input_ids, attention_mask, pixel_values, answer_*."""
+    length = max(len(s["input_ids"]) for s in samples)
+    ids = torch.full((len(samples), length), PAD_ID, dtype=torch.long)
+    mask = torch.zeros((len(samples), length), dtype=torch.long)
+    for i, s in enumerate(samples):
+        n = len(s["input_ids"])
+        ids[i, :n] = s["input_ids"]
+        mask[i, :n] = 1
+    extra = {}
+    if all("cell_targets" in s for s in samples):
+        extra["cell_targets"] = torch.stack([s["cell_targets"] for s in samples])
+    return {
+        **extra,
+        "input_ids": ids,
+        "attention_mask": mask,
+        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+        "answer_position": torch.stack([torch.as_tensor(s["answer_position"]) for s in samples]),
+        "answer_token": torch.stack([torch.as_tensor(s["answer_token"]) for s in samples]),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+
+
+def build_hf_config(cfg: TinyVLMConfig):
+    """The LlavaConfig (Llama text model, CLIP vision tower) for ``cfg``."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    text = LlamaConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=cfg.text_hidden,
+        intermediate_size=cfg.text_intermediate,
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads,
+        num_key_value_heads=cfg.text_heads,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=None,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=cfg.vision_hidden,
+        intermediate_size=cfg.vision_intermediate,
+        num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.vision_heads,
+        image_size=cfg.image_size,
+        patch_size=cfg.cell,
+        num_channels=3,
+        projection_dim=cfg.vision_hidden,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMAGE_TOKEN_ID,
+        image_seq_length=cfg.num_image_tokens,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=True,
+        tie_word_embeddings=False,
+    )
+
+
+@dataclasses.dataclass
+class PlantedOutliers:
+    """Which hidden channels of the language model carry planted outliers, and their values."""
+
+    text_channels: list[int]
+    vision_channels: list[int]
+    text_values: torch.Tensor  # [vocab, n_text] frozen embedding entries
+    vision_bias: torch.Tensor  # [n_vision] frozen projector linear_2 bias entries
+    vision_weight: torch.Tensor  # [n_vision, hidden] frozen projector linear_2 weight rows
+
+
+def choose_planted_channels(cfg: TinyVLMConfig) -> tuple[list[int], list[int]]:
+    """Seed-determined, disjoint text and vision outlier channel indices."""
+    g = torch.Generator().manual_seed(cfg.seed * 1000 + 17)
+    perm = torch.randperm(cfg.text_hidden, generator=g).tolist()
+    text = sorted(perm[: cfg.n_text_outliers])
+    vision = sorted(perm[cfg.n_text_outliers : cfg.n_text_outliers + cfg.n_vision_outliers])
+    return text, vision
+
+
+def build_model(cfg: TinyVLMConfig) -> tuple[nn.Module, PlantedOutliers]:
+    """Random-init LlavaForConditionalGeneration with the planted outliers (deterministic)."""
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(cfg.seed)
+    hf_cfg = build_hf_config(cfg)
+    hf_cfg._attn_implementation = "sdpa"
+    model = LlavaForConditionalGeneration(hf_cfg)
+    model.eval()
+
+    text_ch, vision_ch = choose_planted_channels(cfg)
+    g = torch.Generator().manual_seed(cfg.seed * 1000 + 29)
+    d = cfg.text_hidden
+    with torch.no_grad():
+        # data-dependent projector scale: image tokens enter the language model at unit RMS, like
+        # the text embeddings below (the default init gives ~0.03, which the planted outliers
+        # would drown, and training then never learns to read the image)
+        task = SyntheticVQATask(cfg)
+        rng = np.random.default_rng([cfg.seed, 7919, 99])
+        images = torch.stack(
+            [torch.from_numpy(task.render(task.sample_scene(rng), rng)) for _ in range(64)]
+        )
+        feats = model.model.get_image_features(pixel_values=images).pooler_output
+        rms = torch.cat(list(feats)).pow(2).mean().sqrt()
+        lin2 = model.model.multi_modal_projector.linear_2
+        lin2.weight.div_(rms)
+        lin2.bias.div_(rms)
+        # ordinary embedding entries at unit scale, so the outlier scales are relative to them
+        emb = model.get_input_embeddings().weight
+        emb.copy_(torch.randn(emb.shape, generator=g))
+        # text outliers: token-varying magnitude and sign on a few fixed embedding columns
+        n_tok = emb.shape[0]
+        mag = torch.empty(n_tok, len(text_ch)).uniform_(0.25, 1.0, generator=g)
+        sign = torch.randint(0, 2, (n_tok, len(text_ch)), generator=g) * 2 - 1
+        text_values = cfg.text_outlier_scale * mag * sign
+        emb[:, text_ch] = text_values
+        # vision outliers: large fixed bias (random sign) on a few projector output channels,
+        # plus a small frozen token-varying part through the weight rows
+        vsign = torch.randint(0, 2, (len(vision_ch),), generator=g) * 2 - 1
+        vision_bias = cfg.vision_outlier_scale * vsign.float()
+        vision_weight = torch.randn(len(vision_ch), d, generator=g) * (
+            0.1 * cfg.vision_outlier_scale / math.sqrt(d)
+        )
+        lin2.bias[vision_ch] = vision_bias
+        lin2.weight[vision_ch] = vision_weight
+    planted = PlantedOutliers(
+        text_channels=text_ch,
+        vision_channels=vision_ch,
+        text_values=text_values.clone(),
+        vision_bias=vision_bias.clone(),
+        vision_weight=vision_weight.clone(),
+    )
+    return model, planted
+
+
+def _lm_norms(model: nn.Module) -> list[nn.Module]:
+    lm = model.model.language_model
+    norms = [lm.norm]
+    for layer in lm.layers:
+        norms += [layer.input_layernorm, layer.post_attention_layernorm]
+    return norms
+
+
+@torch.no_grad()
+def restore_planted(model: nn.Module, planted: PlantedOutliers) -> None:
+    """Write the frozen planted values back (called after every optimizer step)."""
+    emb = model.get_input_embeddings().weight
+    emb[:, planted.text_channels] = planted.text_values
+    lin2 = model.model.multi_modal_projector.linear_2
+    lin2.bias[planted.vision_channels] = planted.vision_bias
+    lin2.weight[planted.vision_channels] = planted.vision_weight
+    ch = planted.text_channels + planted.vision_channels
+    for norm in _lm_norms(model):
+        norm.weight[ch] = 1.0
+
+
+def _zero_planted_grads(model: nn.Module, planted: PlantedOutliers) -> None:
+    emb = model.get_input_embeddings().weight
+    if emb.grad is not None:
+        emb.grad[:, planted.text_channels] = 0
+    lin2 = model.model.multi_modal_projector.linear_2
+    for p in (lin2.weight, lin2.bias):
+        if p.grad is not None:
+            p.grad[planted.vision_channels] = 0
+    ch = planted.text_channels + planted.vision_channels
+    for norm in _lm_norms(model):
+        if norm.weight.grad is not None:
+            norm.weight.grad[ch] = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def answer_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token logits [B, vocab] at each sample's answer position."""
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        pixel_values=batch["pixel_values"],
+    )
+    idx = batch["answer_position"]
+    rows = torch.arange(len(idx))
+    if idx.ndim == 2:  # several answers per sequence (training sequences)
+        rows = rows[:, None].expand_as(idx)
+    return out.logits[rows, idx]
+
+
+@torch.no_grad()
+def evaluate_accuracy(
+    model: nn.Module,
+    samples: Sequence[dict[str, Any]],
+    batch_size: int = 128,
+    restrict_to_answers: bool = True,
+    per_type: bool = False,
+) -> float | tuple[float, dict[str, float]]:
+    """Answer accuracy: argmax of the next-token logits at the answer position.
+
+    With ``restrict_to_answers`` the argmax is taken over the answer vocabulary only
+    (:data:`ANSWER_TOKEN_IDS`), otherwise over the full vocabulary. With ``per_type`` also
+    returns a dict of accuracy per question type.
+    """
+    was_training = model.training
+    model.eval()
+    answer_ids = torch.tensor(ANSWER_TOKEN_IDS)
+    correct: list[bool] = []
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i : i + batch_size]
+        batch = collate(chunk)
+        device = next(model.parameters()).device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = answer_logits(model, batch).float().cpu()
+        if restrict_to_answers:
+            pred = answer_ids[logits[:, answer_ids].argmax(-1)]
+        else:
+            pred = logits.argmax(-1)
+        correct += (pred == batch["answer_token"].cpu()).tolist()
+    model.train(was_training)
+    acc = float(np.mean(correct)) if correct else float("nan")
+    if not per_type:
+        return acc
+    by_type: dict[str, list[bool]] = {}
+    for s, c in zip(samples, correct, strict=True):
+        by_type.setdefault(s.get("qtype", "all"), []).append(c)
+    return acc, {k: float(np.mean(v)) for k, v in sorted(by_type.items())}
+
+
+# ---------------------------------------------------------------------------------------------
+# RTN W4A4 fake quantization (self-contained check; not the project's quantizer)
+# ---------------------------------------------------------------------------------------------
+
+
+def fake_quant_sym(x: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
+    """Symmetric round-to-nearest fake quantization with an absmax scale along ``dim``."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = x.abs().amax(dim=dim, keepdim=True).clamp(min=1e-8) / qmax
+    return (x / scale).round().clamp(-qmax - 1, qmax) * scale
+
+
+def rtn_fake_quant(model: nn.Module, w_bits: int = 4, a_bits: int = 4) -> nn.Module:
+    """Copy of ``model`` with RTN fake quantization on every Linear of the language model.
+
+    Weights: per-output-channel symmetric ``w_bits``. Activations: per-token symmetric
+    ``a_bits`` on each Linear input (forward-pre hook, dynamic absmax). The vision tower,
+    projector and lm_head stay in full precision.
+    """
+    qmodel = copy.deepcopy(model)
+
+    def pre_hook(_module: nn.Module, args: tuple) -> tuple:
+        return (fake_quant_sym(args[0], a_bits, dim=-1), *args[1:])
+
+    for module in qmodel.model.language_model.modules():
+        if isinstance(module, nn.Linear):
+            with torch.no_grad():
+                module.weight.copy_(fake_quant_sym(module.weight, w_bits, dim=1))
+            module.register_forward_pre_hook(pre_hook)
+    return qmodel
+
+
+@torch.no_grad()
+def channel_absmax_at_linear_inputs(
+    model: nn.Module, samples: Sequence[dict[str, Any]]
+) -> dict[str, torch.Tensor]:
+    """Per-channel max |x| at the input of every language-model Linear, over ``samples``.
+
+    Also returns the key ``"hidden_states/<i>"`` for each residual-stream hidden state.
+    """
+    stats: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def make_hook(name: str):
+        def hook(_m: nn.Module, args: tuple) -> None:
+            a = args[0].detach().abs().flatten(0, -2).amax(0)
+            stats[name] = torch.maximum(stats[name], a) if name in stats else a
+
+        return hook
+
+    for name, module in model.model.language_model.named_modules():
+        if isinstance(module, nn.Linear):
+            handles.append(module.register_forward_pre_hook(make_hook(name)))
+    try:
+        batch = collate(samples)
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+            output_hidden_states=True,
+        )
+        m = batch["attention_mask"].bool()
+        for i, h in enumerate(out.hidden_states):
+            stats[f"hidden_states/{i}"] = h[m].abs().amax(0)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def outlier_ratio(absmax: torch.Tensor, channels: Sequence[int]) -> float:
+    """min over ``channels`` of max|x|, divided by the median channel's max|x|."""
+    return float(absmax[list(channels)].min() / absmax.median().clamp(min=1e-12))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and cache
+# ---------------------------------------------------------------------------------------------
+
+
+def train(
+    cfg: TinyVLMConfig, progress: bool = True, log_every: int = 125
+) -> tuple[nn.Module, PlantedOutliers, SyntheticVQATask]:
+    """Build and train the model on the synthetic task (CPU, deterministic for ``cfg.seed``)."""
+    task = SyntheticVQATask(cfg)
+    model, planted = build_model(cfg)
+    model.train()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "embed" in name else decay).append(p)
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+    )
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup:
+            return cfg.lr * (step + 1) / cfg.warmup
+        t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return cfg.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
+
+    stream = iter(task.train_stream(cfg.batch_size, cfg.train_questions))
+    eval_small = task.eval_samples(256)
+    bar = tqdm(range(cfg.steps), desc="train tiny VLM", disable=not progress)
+    ema = None
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        batch = collate(next(stream))
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+        )
+        pos = batch["answer_position"]
+        logits = out.logits[torch.arange(len(pos))[:, None].expand_as(pos), pos]
+        loss = F.cross_entropy(logits.float().flatten(0, -2), batch["answer_token"].flatten())
+        if cfg.aux_cell_loss > 0 and "cell_targets" in batch:
+            # dense grounding signal: each image token predicts its cell's colour and shape word
+            img_logits = out.logits[:, 1 : 1 + cfg.num_image_tokens].float()
+            target = torch.zeros_like(img_logits)
+            half = torch.full_like(img_logits[..., :2], 0.5)
+            target.scatter_add_(-1, batch["cell_targets"], half)
+            aux = F.cross_entropy(img_logits.flatten(0, 1), target.flatten(0, 1))
+            loss = loss + cfg.aux_cell_loss * aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        _zero_planted_grads(model, planted)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        restore_planted(model, planted)
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{ema:.3f}")
+        if log_every and (step + 1) % log_every == 0 and step + 1 < cfg.steps:
+            acc = evaluate_accuracy(model, eval_small)
+            model.train()
+            tqdm.write(f"step {step + 1}: loss {ema:.3f}, eval acc (256) {acc:.3f}")
+    model.eval()
+    return model, planted, task
+
+
+def _cfg_from_args(seed: int, quick: bool, overrides: dict[str, Any] | None) -> TinyVLMConfig:
+    kw: dict[str, Any] = dict(QUICK_OVERRIDES) if quick else {}
+    kw.update(overrides or {})
+    return TinyVLMConfig(seed=seed, **kw)
+
+
+def cache_path(cfg: TinyVLMConfig, cache_dir: str | Path | None = None) -> Path:
+    """Folder of the cached model for ``cfg`` (default root: ``.cache/tiny_vlm``)."""
+    root = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_ROOT
+    return root / cfg.cache_key()
+
+
+def load_or_train(
+    seed: int = 0,
+    quick: bool = False,
+    cache_dir: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    n_eval: int = 1000,
+    progress: bool = True,
+    force: bool = False,
+    threads: int = 2,
+) -> tuple[nn.Module, SyntheticVQATask]:
+    """Load the trained tiny VLM from the cache, or train and cache it.
+
+    Args:
+        seed: seed of the model init, the planted channels, and the data streams.
+        quick: tiny config and few steps (about half a minute), for tests.
+        cache_dir: cache root; the model lives in ``<cache_dir>/<hash of config>``.
+        overrides: TinyVLMConfig fields to change (part of the cache key).
+        n_eval: held-out samples for the accuracies stored in ``meta.json``.
+        progress: show tqdm bars and messages.
+        force: retrain even if a cached model exists.
+        threads: ``torch.set_num_threads`` value (results are bitwise reproducible for a fixed
+            thread count; on a busy machine 1 thread can be several times faster than 2).
+
+    Returns:
+        ``(model, task)``: an eval-mode ``LlavaForConditionalGeneration`` loaded from its cache
+        folder (so ``model.config.name_or_path`` is a real folder, as llm-compressor's
+        ``oneshot`` requires), and the :class:`SyntheticVQATask`; ``task.meta`` holds the
+        metadata (planted channels, accuracies, ...), ``task.model_dir`` the folder.
+    """
+    from transformers import LlavaForConditionalGeneration
+
+    torch.set_num_threads(threads)
+    cfg = _cfg_from_args(seed, quick, overrides)
+    out = cache_path(cfg, cache_dir)
+    meta_file = out / "meta.json"
+    if force or not meta_file.exists():
+        t0 = time.time()
+        model, planted, task = train(cfg, progress=progress)
+        train_s = time.time() - t0
+        samples = task.eval_samples(n_eval)
+        fp_acc, fp_types = evaluate_accuracy(model, samples, per_type=True)
+        rtn_acc, rtn_types = evaluate_accuracy(rtn_fake_quant(model, 4, 4), samples, per_type=True)
+        stats = channel_absmax_at_linear_inputs(model, task.calibration_samples(64))
+        q_in = stats["layers.0.self_attn.q_proj"]
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "config_hash": cfg.cache_key(),
+            "config": dataclasses.asdict(cfg),
+            "seed": seed,
+            "planted_text_channels": planted.text_channels,
+            "planted_vision_channels": planted.vision_channels,
+            "vocab": VOCAB,
+            "image_token_id": IMAGE_TOKEN_ID,
+            "pad_token_id": PAD_ID,
+            "bos_token_id": BOS_ID,
+            "answer_token_ids": list(ANSWER_TOKEN_IDS),
+            "num_image_tokens": cfg.num_image_tokens,
+            "question_types": list(QUESTION_TYPES),
+            "n_eval": n_eval,
+            "fp_accuracy": fp_acc,
+            "fp_accuracy_by_type": fp_types,
+            "rtn_w4a4_accuracy": rtn_acc,
+            "rtn_w4a4_accuracy_by_type": rtn_types,
+            "q_proj0_input_outlier_ratio_text": outlier_ratio(q_in, planted.text_channels),
+            "q_proj0_input_outlier_ratio_vision": outlier_ratio(q_in, planted.vision_channels),
+            "train_seconds": train_s,
+            "num_parameters": sum(p.numel() for p in model.parameters()),
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out)
+        meta_file.write_text(json.dumps(meta, indent=2))
+        if progress:
+            tqdm.write(f"saved to {out}")
+    meta = json.loads(meta_file.read_text())
+    model = LlavaForConditionalGeneration.from_pretrained(out, attn_implementation="sdpa")
+    model.eval()
+    task = SyntheticVQATask(cfg)
+    task.meta = meta
+    task.model_dir = out
+    return model, task
+
+
+def make_calibration_dataset(task: SyntheticVQATask, n: int = 128):
+    """A ``datasets.Dataset`` of ``n`` calibration samples for ``llmcompressor.oneshot``.
+
+    Each row is exactly a model input dict (``input_ids``, ``attention_mask``,
+    ``pixel_values`` [3, H, W]) without padding, as lists; llm-compressor's default collator
+    at batch size 1 turns a row into tensors with a batch dimension. :func:`calibration_collator`
+    does the same explicitly and can be passed as ``data_collator``.
+    """
+    from datasets import Dataset
+
+    rows = task.calibration_samples(n)
+    return Dataset.from_dict(
+        {
+            "input_ids": [r["input_ids"].tolist() for r in rows],
+            "attention_mask": [r["attention_mask"].tolist() for r in rows],
+            "pixel_values": [r["pixel_values"].tolist() for r in rows],
+        }
+    )
+
+
+def calibration_collator(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Batch-size-1 collator for :func:`make_calibration_dataset` rows."""
+    assert len(batch) == 1, "the tiny-VLM calibration rows are meant for batch size 1"
+    row = batch[0]
+    return {
+        "input_ids": torch.as_tensor(row["input_ids"], dtype=torch.long)[None],
+        "attention_mask": torch.as_tensor(row["attention_mask"], dtype=torch.long)[None],
+        "pixel_values": torch.as_tensor(row["pixel_values"], dtype=torch.float32)[None],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line entry point."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="tiny config, ~30 s (tests)")
+    p.add_argument("--cache-dir", type=str, default=None)
+    p.add_argument("--force", action="store_true", help="retrain even if cached")
+    p.add_argument("--n-eval", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--text-outlier-scale", type=float, default=None)
+    p.add_argument("--vision-outlier-scale", type=float, default=None)
+    p.add_argument("--rtn-bits", type=str, default="4,4", help="extra check: 'w,a' bits")
+    args = p.parse_args(argv)
+    overrides = {
+        k: v
+        for k, v in dict(
+            steps=args.steps,
+            text_outlier_scale=args.text_outlier_scale,
+            vision_outlier_scale=args.vision_outlier_scale,
+        ).items()
+        if v is not None
+    }
+    t0 = time.time()
+    model, task = load_or_train(
+        seed=args.seed,
+        quick=args.quick,
+        cache_dir=args.cache_dir,
+        overrides=overrides,
+        n_eval=args.n_eval,
+        force=args.force,
+        threads=args.threads,
+    )
+    meta = task.meta
+    print(f"model dir: {task.model_dir} ({time.time() - t0:.1f} s incl. training/loading)")
+    print(f"parameters: {meta['num_parameters']:,}; training time {meta['train_seconds']:.0f} s")
+    print(
+        f"planted text channels {meta['planted_text_channels']}, "
+        f"vision channels {meta['planted_vision_channels']}"
+    )
+    samples = task.eval_samples(args.n_eval)
+    fp_acc, fp_types = evaluate_accuracy(model, samples, per_type=True)
+    w_bits, a_bits = (int(b) for b in args.rtn_bits.split(","))
+    rtn_acc, rtn_types = evaluate_accuracy(
+        rtn_fake_quant(model, w_bits, a_bits), samples, per_type=True
+    )
+    w4_acc = evaluate_accuracy(rtn_fake_quant(model, w_bits, 16), samples)
+    print(f"eval samples: {len(samples)} (held-out split)")
+    print(f"FP accuracy:            {fp_acc:.4f}")
+    print(f"RTN W{w_bits}A{a_bits} accuracy:   {rtn_acc:.4f} ({rtn_acc / fp_acc:.1%} of FP)")
+    print(f"RTN W{w_bits}A16 accuracy:  {w4_acc:.4f}")
+    for k in fp_types:
+        print(f"  {k:16s} FP {fp_types[k]:.3f}  RTN {rtn_types[k]:.3f}")
+    stats = channel_absmax_at_linear_inputs(model, task.calibration_samples(64))
+    for name in ("layers.0.self_attn.q_proj", "layers.0.mlp.gate_proj", "layers.0.mlp.down_proj"):
+        a = stats[name]
+        print(
+            f"  {name}: max|x| median {a.median():.2f}, text-planted "
+            f"{[round(float(a[c]), 1) for c in meta['planted_text_channels']]}, vision-planted "
+            f"{[round(float(a[c]), 1) for c in meta['planted_vision_channels']]}"
+        )
+
+
+if __name__ == "__main__":
+    main()
