@@ -291,6 +291,16 @@ class FrozenLowRankBranch(nn.Module):
         u = _mac_input(self.input, xs_main, xq_main)
         return _text_only(_branch(u, *self._factors(), self.bits, True, True), mask)
 
+    def _apply(self, fn, recurse: bool = True):
+        """``.to(dtype)`` / ``.half()`` leave the fp32 scales fp32; devices move as usual."""
+        keep = {n: b for n, b in self._buffers.items() if b is not None and b.is_floating_point()}
+        super()._apply(fn, recurse)
+        for n, old in keep.items():
+            new = self._buffers[n]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[n] = old.to(new.device)
+        return self
+
     def extra_repr(self) -> str:
         return (
             f"rank={self.rank}, in_features={self.in_features}, "

@@ -114,6 +114,7 @@ class SplitSite(nn.Module):
         self.act_clip_logit = nn.Parameter(torch.full((3,), CLIP_INIT))
         self.quantize = True
         self._memo: tuple | None = None
+        self._params: list[nn.Parameter] | None = None
 
     def split_weight(self, weight: torch.Tensor) -> list[torch.Tensor]:
         """The transformed weight of each path: ``W[:, C_p] P_p^-T``."""
@@ -127,7 +128,9 @@ class SplitSite(nn.Module):
         result for the last input is kept and reused while the same tensor comes back and
         no parameter changed (optimiser steps bump the parameters' versions).
         """
-        key = (x, x._version, tuple(p._version for p in self.parameters()))
+        if self._params is None:
+            self._params = list(self.parameters())
+        key = (x, x._version, tuple(p._version for p in self._params))
         memo = self._memo
         if memo is not None and memo[0][0] is x and memo[0][1:] == key[1:]:
             return memo[1]
@@ -584,6 +587,21 @@ class FrozenSplitQLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype)
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to(dtype)`` / ``.half()`` leave the fp32 scales and transforms fp32 (the op
+        contract); devices move as usual."""
+        keep = {
+            n: b
+            for n, b in self._buffers.items()
+            if n != "bias" and b is not None and b.dtype == torch.float32
+        }
+        super()._apply(fn, recurse)
+        for n, old in keep.items():
+            new = self._buffers[n]
+            if new is not None and new.dtype != torch.float32:
+                self._buffers[n] = old.to(new.device)
+        return self
 
     def extra_repr(self) -> str:
         site = "" if self.site_ref is None else f", site_ref={self.site_ref!r}"

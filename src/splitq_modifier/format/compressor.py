@@ -33,10 +33,6 @@ class BranchHolder(nn.Module):
     """Holds a low-rank branch's tensors on a not-yet-converted ``nn.Linear`` during loading."""
 
 
-def _split_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in state.items() if v is not None}
-
-
 class SplitQPackedCompressor(BaseCompressor):
     """``splitq-packed``: per-path packed int weights, scales, site transforms and branches.
 
@@ -64,7 +60,7 @@ class SplitQPackedCompressor(BaseCompressor):
         - A real dense ``weight``: an error (SplitQ weights come from calibration).
         """
         spec = LinearSpec.from_scheme(scheme)
-        state = _split_state(state_dict)
+        state = dict(state_dict)  # may hold None entries (a linear without bias): kept as is
         weight = state.get("weight")
         if weight is not None:
             if weight.device.type != "meta":
@@ -97,7 +93,7 @@ class SplitQPackedCompressor(BaseCompressor):
                     f"scheme expects {dtype} {shape}"
                 )
             out[name] = t
-        if "bias" in state:
+        if state.get("bias") is not None:
             out["bias"] = state["bias"]
         return out
 
@@ -122,7 +118,7 @@ class SplitQPackedCompressor(BaseCompressor):
                 child = getattr(module, name)
                 if child is not None:
                     state.update({f"{name}.{k}": v for k, v in child.state_dict().items()})
-            cls.compress({k: v for k, v in state.items()}, scheme)
+            cls.compress(state, scheme)
             module.quantization_status = QuantizationStatus.COMPRESSED
             return
         compressed = cls.compress(get_direct_state_dict(module), scheme)

@@ -31,12 +31,15 @@ for checkpoints without SplitQ groups and, for ``splitq-packed`` ones:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from compressed_tensors.quantization import QuantizationStatus
 from torch import nn
 from transformers.quantizers import auto as hf_auto
 from transformers.quantizers.quantizer_compressed_tensors import CompressedTensorsHfQuantizer
+from transformers.utils.quantization_config import CompressedTensorsConfig
 
 from splitq_modifier.acc import FrozenLowRankBranch
 from splitq_modifier.arch import get_arch, vision_token_ids
@@ -53,6 +56,7 @@ __all__ = [
     "check_checkpoint",
     "convert_loaded_model",
     "install_loader",
+    "key_maps",
 ]
 
 _FIX = (
@@ -72,11 +76,7 @@ def _splitq_modules(model: nn.Module) -> list[tuple[str, nn.Module, LinearSpec]]
 
 
 def _expected(module: nn.Module, spec: LinearSpec, name: str) -> dict:
-    if isinstance(module, FrozenSplitQLinear):
-        d_out, d_in = module.out_features, module.in_features
-    else:
-        d_out, d_in = module.out_features, module.in_features
-    return spec.tensor_shapes(d_out, d_in, where=name)
+    return spec.tensor_shapes(module.out_features, module.in_features, where=name)
 
 
 def _header_shapes(checkpoint_files: list[str]) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -96,41 +96,85 @@ def _header_shapes(checkpoint_files: list[str]) -> dict[str, tuple[tuple[int, ..
 _DTYPE_NAMES = {torch.int32: "I32", torch.float32: "F32"}
 
 
-def _checkpoint_key(model: nn.Module, key: str) -> str:
-    from compressed_tensors.quantization.quant_config import _map_to_checkpoint_names
+def key_maps(
+    model: nn.Module, keys: Iterable[str] = (), hf_quantizer: Any = None
+) -> tuple[Callable[[str], str], Callable[[str], str]]:
+    """``(to_model, to_checkpoint)``: rename checkpoint keys to the model's parameter names as
+    transformers does when it loads (e.g. Qwen2.5-VL stores ``model.layers.*`` for the module
+    ``model.language_model.layers.*``), and model names back as it does when it saves."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            rename_source_key,
+        )
 
-    return _map_to_checkpoint_names(model, [key])[0]
+        mapping = get_model_conversion_mapping(model, None, hf_quantizer)
+        meta = model.state_dict()
+        prefix = getattr(model, "base_model_prefix", None)
+
+        def split(ts):
+            return (
+                [t for t in ts if isinstance(t, WeightRenaming)],
+                [t for t in ts if isinstance(t, WeightConverter)],
+            )
+
+        fwd = split(mapping)
+        rev = split([t.reverse_transform() for t in reversed(mapping)])
+
+        def to_model(key: str) -> str:
+            renamed, _ = rename_source_key(key, *fwd, prefix, meta)
+            return key if renamed not in meta and key in meta else renamed
+
+        def to_checkpoint(key: str) -> str:
+            return rename_source_key(key, *rev, reverse=True)[0]
+
+        for key in list(keys)[:1]:
+            to_model(key)
+        return to_model, to_checkpoint
+    except (ImportError, TypeError, AttributeError, ValueError, KeyError):  # other versions
+        return (lambda k: k), (lambda k: k)
 
 
-def check_checkpoint(model: nn.Module, checkpoint_files: list[str] | None) -> None:
+def check_checkpoint(
+    model: nn.Module, checkpoint_files: list[str] | None, hf_quantizer: Any = None
+) -> None:
     """Check the checkpoint holds every splitq-packed tensor with the shape and dtype the
     config requires; raise :class:`SplitQFormatError` naming the tensors otherwise.
 
-    Reads only the safetensors headers. Does nothing without safetensors files.
+    Runs on the meta model before loading and reads only the safetensors headers; does
+    nothing without safetensors files (transformers then reports missing tensors itself).
     """
     if not checkpoint_files:
         return
     header = _header_shapes([str(f) for f in checkpoint_files])
     if not header:
         return
+    to_model, to_checkpoint = key_maps(model, header, hf_quantizer)
+    header = {to_model(k): v for k, v in header.items()}
     where = os.path.dirname(str(checkpoint_files[0]))
     problems = []
     for name, module, spec in _splitq_modules(model):
+        desc = (
+            f"config.json's splitq spec (sizes={list(spec.sizes)}, "
+            f"weight_bits={list(spec.weight_bits)}, site={spec.site!r}, "
+            f"cws_rank={None if spec.cws is None else spec.cws.rank}, "
+            f"mac_rank={None if spec.mac is None else spec.mac.rank})"
+        )
         for local, (shape, dtype) in _expected(module, spec, name).items():
-            key = _checkpoint_key(model, f"{name}.{local}")
+            key = f"{name}.{local}"
+            ckpt = to_checkpoint(key)
+            shown = repr(ckpt) if ckpt == key else f"{ckpt!r} (module tensor {key!r})"
+            want = _DTYPE_NAMES.get(dtype, str(dtype))
             if key not in header:
-                problems.append(
-                    f"tensor {key!r} is missing (expected {dtype} {shape} for splitq spec "
-                    f"sizes={list(spec.sizes)} weight_bits={list(spec.weight_bits)})"
-                )
+                problems.append(f"tensor {shown} is missing ({desc} requires {want} {shape})")
                 continue
             got_shape, got_dtype = header[key]
-            if got_shape != shape or got_dtype != _DTYPE_NAMES.get(dtype, got_dtype):
+            if got_shape != shape or got_dtype != want:
                 problems.append(
-                    f"tensor {key!r} is {got_dtype} {got_shape} in the checkpoint, but the "
-                    f"splitq spec in config.json (sizes={list(spec.sizes)}, "
-                    f"weight_bits={list(spec.weight_bits)}, cws={spec.cws}, mac={spec.mac}) "
-                    f"requires {_DTYPE_NAMES.get(dtype, dtype)} {shape}"
+                    f"tensor {shown} is {got_dtype} {got_shape} in the checkpoint, but "
+                    f"{desc} requires {want} {shape}"
                 )
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
@@ -164,7 +208,9 @@ def _tensor(module: nn.Module, local: str, shape, dtype, where: str) -> torch.Te
     return t
 
 
-def _branch(module: nn.Module, prefix: str, spec, d_out: int, km: int, where: str):
+def _branch(
+    module: nn.Module, prefix: str, spec: Any, d_out: int, km: int, where: str
+) -> FrozenLowRankBranch | None:
     if spec is None:
         return None
     shapes = spec.tensor_shapes(km, d_out)
@@ -236,6 +282,16 @@ def convert_loaded_model(model: nn.Module, context: ModalityContext | None = Non
     return len(todo)
 
 
+def _other_quantized(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from compressed_tensors.quantization.utils import is_module_quantized
+
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if is_module_quantized(m) and not isinstance(m, FrozenSplitQLinear)
+    ]
+
+
 class SplitQCompressedTensorsHfQuantizer(CompressedTensorsHfQuantizer):
     """transformers' compressed-tensors quantizer, plus the ``splitq-packed`` load path.
 
@@ -243,7 +299,7 @@ class SplitQCompressedTensorsHfQuantizer(CompressedTensorsHfQuantizer):
     config groups.
     """
 
-    def __init__(self, quantization_config, **kwargs):
+    def __init__(self, quantization_config: CompressedTensorsConfig, **kwargs: Any):
         super().__init__(quantization_config, **kwargs)
         self.splitq_specs: dict[str, LinearSpec] = {}
         ct_config = self.compressor.quantization_config
@@ -252,6 +308,13 @@ class SplitQCompressedTensorsHfQuantizer(CompressedTensorsHfQuantizer):
                 if is_splitq_scheme(scheme):
                     where = f"quantization_config.config_groups[{group!r}]"
                     self.splitq_specs[group] = LinearSpec.from_scheme(scheme, where=where)
+        if self.splitq_specs and not quantization_config.is_quantization_compressed:
+            raise SplitQFormatError(
+                f"{FORMAT_NAME} checkpoints have quantization_status 'compressed' (SplitQ linears "
+                "are only stored packed); this config.json says "
+                f"{ct_config.quantization_status!r}. Re-save the quantized model with "
+                "model.save_pretrained(dir, save_compressed=True)."
+            )
         if self.splitq_specs and getattr(quantization_config, "dequantize", False):
             raise SplitQFormatError(
                 f"{FORMAT_NAME} linears cannot be dequantized to dense nn.Linear weights "
@@ -259,12 +322,12 @@ class SplitQCompressedTensorsHfQuantizer(CompressedTensorsHfQuantizer):
                 "dequantize=True / run_compressed=False"
             )
 
-    def _process_model_before_weight_loading(self, model, **kwargs):
+    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         super()._process_model_before_weight_loading(model, **kwargs)
         if self.splitq_specs:
-            check_checkpoint(model, kwargs.get("checkpoint_files"))
+            check_checkpoint(model, kwargs.get("checkpoint_files"), self)
 
-    def _process_model_after_weight_loading(self, model, **kwargs):
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         if not self.splitq_specs:
             return super()._process_model_after_weight_loading(model, **kwargs)
         convert_loaded_model(model)
@@ -272,7 +335,34 @@ class SplitQCompressedTensorsHfQuantizer(CompressedTensorsHfQuantizer):
         # compressed-tensors does on the first forward (SplitQ linears are left as they are);
         # this also removes the decompress-on-first-forward hook
         self.compressor.decompress_model(model)
+        if not _other_quantized(model):  # nothing was decompressed: the model still is packed
+            self.compressor.quantization_config.quantization_status = QuantizationStatus.COMPRESSED
         return model
+
+    def get_state_dict_and_metadata(
+        self, model: nn.Module
+    ) -> tuple[dict[str, torch.Tensor] | None, dict]:
+        """transformers' ``save_pretrained`` of a loaded SplitQ model: SplitQ linears as they
+        are, the model's other (decompressed) quantized modules compressed again with their own
+        format, and ``quantization_status: compressed``, so the saved folder loads again."""
+        if not self.splitq_specs:
+            return super().get_state_dict_and_metadata(model)
+        from compressed_tensors.compressors.base import BaseCompressor
+        from compressed_tensors.utils import get_direct_state_dict
+
+        state = model.state_dict()
+        for name, module in _other_quantized(model):
+            if getattr(module, "quantization_status", None) == QuantizationStatus.COMPRESSED:
+                continue
+            scheme = module.quantization_scheme
+            fmt = getattr(scheme.format, "value", scheme.format)
+            direct = {k: v for k, v in get_direct_state_dict(module).items() if v is not None}
+            compressed = BaseCompressor.get_value_from_registry(fmt).compress(direct, scheme)
+            for k in direct:
+                state.pop(f"{name}.{k}", None)
+            state.update({f"{name}.{k}": v for k, v in compressed.items()})
+        self.compressor.quantization_config.quantization_status = QuantizationStatus.COMPRESSED
+        return state, {}
 
 
 def install_loader() -> None:
