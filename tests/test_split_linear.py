@@ -24,13 +24,28 @@ def _perturb(module: torch.nn.Module, scale: float = 0.2) -> None:
 
 
 @pytest.mark.parametrize("n", [1, 7, 64, 100, 97])
-def test_path_transform_is_exactly_invertible(n):
-    t = PathTransform(n, torch.rand(n) + 0.5)
+@pytest.mark.parametrize("rotation_seed", [None, 3])
+def test_path_transform_is_exactly_invertible(n, rotation_seed):
+    t = PathTransform(n, torch.rand(n) + 0.5, rotation_seed=rotation_seed)
     _perturb(t)
     x, w = torch.randn(9, n, dtype=torch.float64), torch.randn(5, n, dtype=torch.float64)
     t = t.double()
     got = t.transform_act(x) @ t.transform_weight(w).T
-    torch.testing.assert_close(got, x @ w.T, rtol=1e-9, atol=1e-9)
+    # a rotation start is orthogonal to fp32 precision (it is drawn in fp32)
+    tol = 1e-9 if rotation_seed is None else 1e-5
+    torch.testing.assert_close(got, x @ w.T, rtol=tol, atol=tol)
+
+
+def test_rotation_init_is_a_seeded_rotation():
+    a = PathTransform(100, rotation_seed=5)
+    b = PathTransform(100, rotation_seed=5)
+    mats = [m.detach() for m in a.act_mats()]
+    for m, m2 in zip(mats, b.act_mats()):
+        torch.testing.assert_close(m @ m.T, torch.eye(m.shape[0]), atol=1e-5, rtol=0)
+        assert torch.equal(m, m2.detach())
+    assert not torch.allclose(mats[0], torch.eye(mats[0].shape[0]))
+    ident = PathTransform(100).act_mats()[0].detach()
+    torch.testing.assert_close(ident, torch.eye(ident.shape[0]))
 
 
 def test_apply_kron_matches_dense_kronecker():

@@ -76,6 +76,7 @@ class SplitQModifier(Modifier):
     :param num_clusters: K of MOCD's per-channel k-means
     :param max_text_tokens: text-token rows kept per site for MOCD's text score
     :param learn_transforms: learn the invertible factors (False: smoothing + clipping only)
+    :param rotation_init: start the factors as random rotations (else the identity)
     :param smooth_alpha: SmoothQuant migration strength of the smoothing-scale init
     :param cws_rank_ratio: CWS branch rank as a fraction of full rank (0 disables)
     :param mac_rank_ratio: MAC branch rank as a fraction of full rank (0 disables)
@@ -100,6 +101,7 @@ class SplitQModifier(Modifier):
     num_clusters: int = Field(default=3, ge=1, le=16)
     max_text_tokens: int = Field(default=4096, ge=16)
     learn_transforms: bool = True
+    rotation_init: bool = True
     smooth_alpha: float = Field(default=0.3, ge=0.0, le=1.0)
     cws_rank_ratio: float = Field(default=0.02, ge=0.0, le=0.5)
     mac_rank_ratio: float = Field(default=0.03, ge=0.0, le=0.5)
@@ -298,7 +300,8 @@ class SplitQModifier(Modifier):
                 "text": split.text.tolist(),
                 "dim": sum(split.sizes),
             }
-            ss = SplitSite(split, abits, smooth, self.learn_transforms).to(device)
+            seed = self.seed + 3 * len(self._report) if self.rotation_init else None
+            ss = SplitSite(split, abits, smooth, self.learn_transforms, seed).to(device)
             for lin_name, lin in site.linears:
                 q = SplitQLinear(
                     lin,

@@ -94,6 +94,7 @@ class SplitSite(nn.Module):
     :param act_bits: activation bits per path (None = not quantized)
     :param smooth: initial smoothing scale per channel (full width ``d``), or None
     :param learn_factors: learn the invertible factors (else smoothing scale only)
+    :param rotation_seed: start the factors as seeded random rotations (None: identity)
     """
 
     def __init__(
@@ -102,15 +103,17 @@ class SplitSite(nn.Module):
         act_bits: tuple[int | None, int | None, int | None],
         smooth: torch.Tensor | None = None,
         learn_factors: bool = True,
+        rotation_seed: int | None = None,
     ):
         super().__init__()
         self.sizes = split.sizes
         self.act_bits = tuple(act_bits)
         self.register_buffer("perm", split.perm, persistent=False)
         self.transforms = nn.ModuleList()
-        for idx in (split.vision, split.text, split.main):
+        for p, idx in enumerate((split.vision, split.text, split.main)):
             s = None if smooth is None else smooth[idx]
-            self.transforms.append(PathTransform(len(idx), s, learn_factors))
+            seed = None if rotation_seed is None else rotation_seed + p
+            self.transforms.append(PathTransform(len(idx), s, learn_factors, seed))
         self.act_clip_logit = nn.Parameter(torch.full((3,), CLIP_INIT))
         self.quantize = True
         self._memo: tuple | None = None

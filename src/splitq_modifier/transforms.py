@@ -20,7 +20,13 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
-__all__ = ["InvertibleFactor", "PathTransform", "balanced_factors", "apply_kron"]
+__all__ = [
+    "InvertibleFactor",
+    "PathTransform",
+    "balanced_factors",
+    "apply_kron",
+    "random_orthogonal",
+]
 
 #: Paths at most this wide use a single dense factor instead of a Kronecker pair.
 DENSE_MAX = 64
@@ -34,6 +40,12 @@ def balanced_factors(n: int) -> tuple[int, int]:
     while n % a:
         a -= 1
     return a, n // a
+
+
+def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
+    """A random ``n x n`` orthogonal matrix (QR of a Gaussian, signs fixed: Haar measure)."""
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))).float()
 
 
 def apply_kron(x: torch.Tensor, mats: list[torch.Tensor]) -> torch.Tensor:
@@ -55,16 +67,17 @@ def apply_kron(x: torch.Tensor, mats: list[torch.Tensor]) -> torch.Tensor:
 class InvertibleFactor(nn.Module):
     """One learnable invertible ``n x n`` matrix ``U diag(exp(log_sigma)) V^T``.
 
-    Initialised at the identity. ``matrix()`` gives the matrix, ``inverse_t()`` its
-    inverse-transpose, both differentiable.
+    Initialised at ``U = init`` (an orthogonal matrix; identity if None), ``V = I``,
+    ``sigma = 1``. ``matrix()`` gives the matrix, ``inverse_t()`` its inverse-transpose, both
+    differentiable.
     """
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, init: torch.Tensor | None = None):
         super().__init__()
         self.u = orthogonal(nn.Linear(n, n, bias=False))
         self.v = orthogonal(nn.Linear(n, n, bias=False))
         with torch.no_grad():
-            self.u.weight = torch.eye(n)
+            self.u.weight = torch.eye(n) if init is None else init
             self.v.weight = torch.eye(n)
         self.log_sigma = nn.Parameter(torch.zeros(n))
 
@@ -83,9 +96,17 @@ class PathTransform(nn.Module):
     :param n: path width (number of input channels routed to this path)
     :param smooth: initial smoothing scale ``c`` (shape ``(n,)``, positive); ones if None
     :param learn_factors: when False only the smoothing scale is kept (SmoothQuant-like)
+    :param rotation_seed: when given, the factors start as random rotations (so the path
+        starts incoherent, as a QuIP-style rotation would leave it) instead of the identity
     """
 
-    def __init__(self, n: int, smooth: torch.Tensor | None = None, learn_factors: bool = True):
+    def __init__(
+        self,
+        n: int,
+        smooth: torch.Tensor | None = None,
+        learn_factors: bool = True,
+        rotation_seed: int | None = None,
+    ):
         super().__init__()
         self.n = n
         init = torch.ones(n) if smooth is None else smooth.detach().float().reshape(n)
@@ -97,7 +118,10 @@ class PathTransform(nn.Module):
             dims = [n] if n <= DENSE_MAX else list(balanced_factors(n))
             if len(dims) == 2 and dims[0] == 1:
                 dims = [n]  # prime width: one dense factor
-            self.factors.extend(InvertibleFactor(k) for k in dims)
+            g = None if rotation_seed is None else torch.Generator().manual_seed(rotation_seed)
+            self.factors.extend(
+                InvertibleFactor(k, None if g is None else random_orthogonal(k, g)) for k in dims
+            )
 
     def act_mats(self) -> list[torch.Tensor]:
         """Matrices applied to activations (Kronecker factors of ``A kron B``)."""
