@@ -186,6 +186,7 @@ def run_method(bench: Bench, fp: torch.nn.Module, recipe: list) -> dict:
     """Quantize a fresh copy of the FP model with ``recipe`` and score it."""
     model = clone_model(fp)
     model.config.name_or_path = bench.path
+    torch.manual_seed(0)  # every method starts from the same global RNG state
     start = time.time()
     oneshot(
         model=model,
