@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--arch", default="qwen2_5_vl", choices=ARCH_CHOICES)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--calib", type=int, default=32, help="calibration samples")
+    parser.add_argument("--calib", type=int, default=16, help="calibration samples")
     parser.add_argument("--eval", type=int, default=16, help="evaluation samples")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
