@@ -25,6 +25,12 @@ import torch
 from torch import nn
 
 from splitq_modifier.quant import fake_quant, quantize_sym
+from splitq_modifier.runtime.ops import (
+    SplitQBranch,
+    pack_path_weight,
+    packed_words,
+    unpack_path_weight,
+)
 
 __all__ = ["QuantBranch", "LowRankBranch", "FrozenLowRankBranch", "branch_rank"]
 
@@ -180,8 +186,6 @@ class FrozenLowRankBranch(nn.Module):
         input: str = "residual",
     ):
         super().__init__()
-        from splitq_modifier.runtime.ops import pack_path_weight
-
         self._setup(
             pack_path_weight(down_int.to(torch.int8), bits),
             down_scale,
@@ -239,8 +243,6 @@ class FrozenLowRankBranch(nn.Module):
         rank: int, in_features: int, out_features: int, bits: int
     ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Name -> (shape, dtype) of the buffers of a branch of these dimensions."""
-        from splitq_modifier.runtime.ops import packed_words
-
         return {
             "down_packed": ((rank, packed_words(in_features, bits)), torch.int32),
             "down_scale": ((rank,), torch.float32),
@@ -251,21 +253,15 @@ class FrozenLowRankBranch(nn.Module):
     @property
     def down_int(self) -> torch.Tensor:
         """Unpacked int8 codes of ``down`` (``r x k``)."""
-        from splitq_modifier.runtime.ops import unpack_path_weight
-
         return unpack_path_weight(self.down_packed, self.bits, self.in_features)
 
     @property
     def up_int(self) -> torch.Tensor:
         """Unpacked int8 codes of ``up`` (``d_out x r``)."""
-        from splitq_modifier.runtime.ops import unpack_path_weight
-
         return unpack_path_weight(self.up_packed, self.bits, self.rank)
 
     def runtime_branch(self):
         """The branch as :class:`splitq_modifier.runtime.SplitQBranch` (shares the tensors)."""
-        from splitq_modifier.runtime.ops import SplitQBranch
-
         return SplitQBranch(
             down=self.down_packed,
             down_scale=self.down_scale,

@@ -22,6 +22,13 @@ from torch import nn
 
 from splitq_modifier.acc import FrozenLowRankBranch, LowRankBranch, QuantBranch
 from splitq_modifier.quant import fake_quant, quantize_sym
+from splitq_modifier.runtime.ops import (
+    SplitQLinearParams,
+    pack_path_weight,
+    packed_words,
+    splitq_linear,
+    unpack_path_weight,
+)
 from splitq_modifier.transforms import PathTransform, apply_kron
 
 __all__ = [
@@ -303,8 +310,6 @@ class FrozenSplitQLinear(nn.Module):
         context: ModalityContext | None = None,
     ):
         super().__init__()
-        from splitq_modifier.runtime.ops import pack_path_weight
-
         packed = [pack_path_weight(w.to(torch.int8), b) for w, b in zip(weight_int, weight_bits)]
         self._setup(
             sizes=sizes,
@@ -438,8 +443,6 @@ class FrozenSplitQLinear(nn.Module):
         """Local name -> (shape, dtype) of the persistent path and site buffers (no bias or
         branches) of a linear of these dimensions; ``site_tensors=False`` for a linear that
         aliases its site's tensors."""
-        from splitq_modifier.runtime.ops import packed_words
-
         out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         if site_tensors:
             out["perm"] = ((int(sum(sizes)),), torch.int32)
@@ -533,8 +536,6 @@ class FrozenSplitQLinear(nn.Module):
 
     def weight_int(self, p: int) -> torch.Tensor:
         """Unpacked int8 codes of path ``p`` (``d_out x k_p``)."""
-        from splitq_modifier.runtime.ops import unpack_path_weight
-
         packed = getattr(self, f"weight_packed_{p}")
         return unpack_path_weight(packed, self.weight_bits[p], self.sizes[p])
 
@@ -546,8 +547,6 @@ class FrozenSplitQLinear(nn.Module):
     def runtime_params(self):
         """The packed parameters as :class:`splitq_modifier.runtime.SplitQLinearParams`
         (sharing this module's tensors)."""
-        from splitq_modifier.runtime.ops import SplitQLinearParams
-
         if None in self.act_bits:
             raise ValueError("splitq::linear needs quantized activations (act_bits has None)")
         return SplitQLinearParams(
@@ -573,8 +572,6 @@ class FrozenSplitQLinear(nn.Module):
         """
         if None in self.act_bits:
             return self.dense_forward(x)
-        from splitq_modifier.runtime.ops import splitq_linear
-
         xt = torch.cat(self.transform_input(x), dim=-1)
         return splitq_linear(xt, self.runtime_params(), self._mask(x), self.bias, x.dtype)
 
