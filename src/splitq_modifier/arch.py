@@ -83,14 +83,12 @@ def vision_token_ids(config, spec: ArchSpec) -> list[int]:
 
 def find_sites(
     layer_name: str,
-    layer: torch.nn.Module,
     linears: dict[str, torch.nn.Linear],
     spec: ArchSpec,
 ) -> dict[str, list[tuple[str, torch.nn.Linear]]]:
     """Group the quantized linears of one decoder layer into activation sites.
 
     :param layer_name: full name of the decoder layer
-    :param layer: the decoder layer
     :param linears: full name -> linear, the linears selected by targets/ignore
     :returns: site name -> [(full linear name, linear)], in table order; linears that are
         not in the table get a site of their own named after them

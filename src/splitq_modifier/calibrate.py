@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -40,7 +40,6 @@ class TrainConfig:
     clip_lr_multiplier: float = 10.0
     batch_size: int = 4
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def layer_output(out) -> torch.Tensor:

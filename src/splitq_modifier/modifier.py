@@ -148,7 +148,7 @@ class SplitQModifier(Modifier):
         for name, module in model.named_modules():
             if not is_decoder_layer(name, self._arch):
                 continue
-            sites = find_sites(name, module, linears, self._arch)
+            sites = find_sites(name, linears, self._arch)
             if sites:
                 self._layers[module] = name
                 self._sites[module] = [
