@@ -5,9 +5,10 @@ import torch
 
 from splitq_modifier.acc import LowRankBranch, QuantBranch
 from splitq_modifier.calibrate import LayerSample, TrainConfig, layer_loss, train_layer
+from splitq_modifier.layout import kron_dims
 from splitq_modifier.quant import fake_quant, quantize_sym
 from splitq_modifier.split_linear import ChannelSplit, ModalityContext, SplitQLinear, SplitSite
-from splitq_modifier.transforms import PathTransform, apply_kron, balanced_factors
+from splitq_modifier.transforms import PathTransform, apply_kron
 
 
 def _split(d: int, v: list[int], t: list[int]) -> ChannelSplit:
@@ -52,8 +53,11 @@ def test_apply_kron_matches_dense_kronecker():
     a, b = torch.randn(4, 4, dtype=torch.float64), torch.randn(6, 6, dtype=torch.float64)
     x = torch.randn(3, 24, dtype=torch.float64)
     torch.testing.assert_close(apply_kron(x, [a, b]), x @ torch.kron(a, b))
-    assert balanced_factors(3440) == (43, 80)
-    assert balanced_factors(97) == (1, 97)
+    c = torch.randn(5, 5, dtype=torch.float64)
+    x3 = torch.randn(2, 7, 120, dtype=torch.float64)
+    torch.testing.assert_close(apply_kron(x3, [a, b, c]), x3 @ torch.kron(torch.kron(a, b), c))
+    assert kron_dims(3440, 2, balanced_only=False) == (43, 80)
+    assert kron_dims(97, 2, balanced_only=False) == (97,)
 
 
 def test_quantizer_levels_and_empty_path():

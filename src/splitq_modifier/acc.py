@@ -32,7 +32,7 @@ from splitq_modifier.runtime.ops import (
     unpack_path_weight,
 )
 
-__all__ = ["QuantBranch", "LowRankBranch", "FrozenLowRankBranch", "branch_rank"]
+__all__ = ["QuantBranch", "LowRankBranch", "FrozenLowRankBranch", "branch_rank", "top_singular"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,29 @@ class QuantBranch:
 def branch_rank(ratio: float, d_out: int, k: int) -> int:
     """Rank of a branch: ``ceil(ratio * min(d_out, k))``, at least 1."""
     return max(1, math.ceil(ratio * min(d_out, k)))
+
+
+#: Matrices with both sides above this use a randomized truncated SVD.
+EXACT_SVD_MAX = 512
+
+
+def top_singular(w: torch.Tensor, r: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """The ``r`` leading singular triplets ``(U_r, S_r, V_r^T)`` of ``w``.
+
+    Small matrices use the exact SVD. Wide ones (a 3584 x 18944 projection takes minutes and
+    several full-size workspaces on CPU) use ``torch.svd_lowrank`` (randomized range finder,
+    ``r + 16`` columns, 4 power iterations), seeded so calibration stays deterministic. The
+    branch only needs a good rank-``r`` subspace: CWS takes the branch out of the weight
+    exactly (``W_res = W~ - B``), so an approximate subspace costs captured energy, never
+    correctness.
+    """
+    if min(w.shape) <= EXACT_SVD_MAX:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        return u[:, :r], s[:r], vh[:r]
+    with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        u, s, v = torch.svd_lowrank(w, q=min(r + 16, min(w.shape)), niter=4)
+    return u[:, :r], s[:r], v[:, :r].T
 
 
 def _branch(
@@ -97,10 +120,10 @@ class LowRankBranch(nn.Module):
         self.cfg = cfg
         w = w_main.detach().float()
         r = branch_rank(cfg.rank_ratio, *w.shape)
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
-        root = s[:r].sqrt()
-        self.register_buffer("u_r", u[:, :r] * root)
-        self.register_buffer("down", root[:, None] * vh[:r])
+        u, s, vh = top_singular(w, r)
+        root = s.sqrt()
+        self.register_buffer("u_r", (u * root).contiguous())
+        self.register_buffer("down", (root[:, None] * vh).contiguous())
         gate0 = 0.0 if cfg.input == "act" else 1.0
         self.gate = nn.Parameter(torch.full((r,), gate0), requires_grad=cfg.learn_gate)
 

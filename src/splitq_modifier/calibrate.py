@@ -18,17 +18,45 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm import tqdm
 
+from splitq_modifier.split_linear import cached_weights
+
 __all__ = ["LayerSample", "TrainConfig", "layer_output", "train_layer", "layer_loss"]
 
 
 @dataclass
 class LayerSample:
-    """One cached calibration batch of a decoder layer: its inputs, FP output, text mask."""
+    """One cached calibration batch of a decoder layer: its inputs, FP output, text mask.
+
+    The tensors may live on an offload device (CPU) while the layer is on the GPU:
+    :meth:`to` moves one sample at the time it is used.
+    """
 
     args: tuple
     kwargs: dict
     target: torch.Tensor
     text_mask: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str | None) -> LayerSample:
+        """This sample with every tensor on ``device`` (itself when None or already there)."""
+        if device is None or self.target.device == torch.device(device):
+            return self
+        mv = lambda v: _move(v, device)  # noqa: E731
+        return LayerSample(
+            args=tuple(mv(a) for a in self.args),
+            kwargs={k: mv(v) for k, v in self.kwargs.items()},
+            target=self.target.to(device, non_blocking=True),
+            text_mask=None if self.text_mask is None else self.text_mask.to(device),
+        )
+
+
+def _move(v, device):
+    if isinstance(v, torch.Tensor):
+        return v.to(device, non_blocking=True)
+    if isinstance(v, (tuple, list)):
+        return type(v)(_move(x, device) for x in v)
+    if isinstance(v, dict):
+        return {k: _move(x, device) for k, x in v.items()}
+    return v
 
 
 @dataclass
@@ -45,6 +73,11 @@ class TrainConfig:
 def layer_output(out) -> torch.Tensor:
     """The hidden states returned by a decoder layer (a tensor or the first of a tuple)."""
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _device(layer: nn.Module) -> torch.device | None:
+    p = next(layer.parameters(), None)
+    return None if p is None else p.device
 
 
 def _run(layer: nn.Module, s: LayerSample, set_mask: Callable[[torch.Tensor | None], None]):
@@ -69,8 +102,10 @@ def layer_loss(
     massive activations, is not what the layer computes), else to ``||Y||^2``.
     """
     total = 0.0
-    with torch.no_grad(), parametrize.cached():
+    device = _device(layer)
+    with torch.no_grad(), parametrize.cached(), cached_weights():
         for s in samples:
+            s = s.to(device)
             out = _run(layer, s, set_mask).float()
             t = s.target.float()
             x = _layer_input(s)
@@ -110,16 +145,18 @@ def train_layer(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
     rng = random.Random(cfg.seed)
     order = list(range(len(samples)))
+    device = _device(layer)
     with torch.enable_grad():
         for _ in tqdm(range(cfg.epochs), desc=desc, leave=False):
             rng.shuffle(order)
             for start in range(0, len(order), cfg.batch_size):
                 batch = order[start : start + cfg.batch_size]
                 opt.zero_grad(set_to_none=True)
-                with parametrize.cached():  # orthogonal factors computed once per step
+                # orthogonal factors and quantized weights computed once per step
+                with parametrize.cached(), cached_weights():
                     loss = 0.0
                     for i in batch:
-                        s = samples[i]
+                        s = samples[i].to(device)
                         out = _run(layer, s, set_mask).float()
                         mse = (out - s.target.float()).pow(2).mean()
                         loss = loss + mse / mse.detach().clamp(min=1e-12) / len(batch)

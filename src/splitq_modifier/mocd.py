@@ -718,6 +718,7 @@ def select_channels(
     seed: int = 0,
     *,
     device: torch.device | str | None = None,
+    counts: tuple[int, int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Split the ``d`` channels of one site into vision, text and main paths.
 
@@ -752,6 +753,8 @@ def select_channels(
         num_clusters: ``K`` of the MOCD text score.
         seed: seed of the ``"random"`` rule.
         device: where to compute the text score (default: CPU, where the rows live).
+        counts: ``(k_v, k_t)`` to select instead of the ratios' ``ceil(ratio * d)`` (the
+            aligned counts of :func:`splitq_modifier.layout.plan_site`).
 
     Returns:
         ``(vision_idx, text_idx, main_idx)``: int64 CPU tensors, each sorted ascending,
@@ -770,8 +773,7 @@ def select_channels(
     if num_clusters < 1:
         raise ValueError(f"num_clusters must be >= 1, got {num_clusters}")
     d = stats.dim
-    k_v = math.ceil(vr * d)
-    k_t = math.ceil(tr * d)
+    k_v, k_t = (math.ceil(vr * d), math.ceil(tr * d)) if counts is None else map(int, counts)
     if k_v + k_t > d:
         raise ValueError(
             f"vision_ratio={vision_ratio} and text_ratio={text_ratio} select "

@@ -36,6 +36,7 @@ from pydantic import Field, PrivateAttr, model_validator
 from splitq_modifier.acc import QuantBranch
 from splitq_modifier.arch import ArchSpec, find_sites, get_arch, is_decoder_layer, vision_token_ids
 from splitq_modifier.calibrate import LayerSample, TrainConfig, layer_output, train_layer
+from splitq_modifier.layout import SitePlan, plan_for_sizes, plan_site
 from splitq_modifier.mocd import SELECTION_RULES, ChannelStats, select_channels
 from splitq_modifier.split_linear import (
     ChannelSplit,
@@ -72,6 +73,8 @@ class SplitQModifier(Modifier):
     :param aux_bits_floor: minimum bits of the outlier paths and low-rank branches (paper: 4)
     :param vision_outlier_ratio: fraction of channels on the vision-outlier path
     :param text_outlier_ratio: fraction of channels on the text-outlier path
+    :param channel_multiple: outlier-path widths are multiples of this (kernel K tiles and
+        int32 packing; see :mod:`splitq_modifier.layout`); 1 = exactly ``ceil(ratio * d)``
     :param channel_selection: channel selection rule (``mocd`` or an ablation baseline)
     :param num_clusters: K of MOCD's per-channel k-means
     :param max_text_tokens: text-token rows kept per site for MOCD's text score
@@ -86,6 +89,8 @@ class SplitQModifier(Modifier):
     :param lr: AdamW learning rate (clipping factors use ``lr * clip_lr_multiplier``)
     :param batch_size: calibration samples per optimiser step
     :param seed: seed of everything random (random selection, sample order)
+    :param cache_device: where the cached layer inputs and FP targets live (e.g. ``"cpu"``,
+        so that the GPU holds one batch at a time); None = where the layer runs
     """
 
     requires_calibration_data: bool = True
@@ -97,6 +102,7 @@ class SplitQModifier(Modifier):
     aux_bits_floor: int = Field(default=4, ge=2, le=8)
     vision_outlier_ratio: float = Field(default=0.02, ge=0.0, le=0.5)
     text_outlier_ratio: float = Field(default=0.02, ge=0.0, le=0.5)
+    channel_multiple: int = Field(default=32, ge=1, le=512)
     channel_selection: Literal[SELECTION_RULES] = "mocd"
     num_clusters: int = Field(default=3, ge=1, le=16)
     max_text_tokens: int = Field(default=4096, ge=16)
@@ -112,6 +118,7 @@ class SplitQModifier(Modifier):
     clip_lr_multiplier: float = Field(default=10.0, gt=0.0)
     batch_size: int = Field(default=4, ge=1)
     seed: int = 0
+    cache_device: str | None = None
 
     _arch: ArchSpec | None = PrivateAttr(default=None)
     _vision_ids: list[int] = PrivateAttr(default_factory=list)
@@ -236,6 +243,8 @@ class SplitQModifier(Modifier):
             target=hidden.detach().clone(),
             text_mask=text,
         )
+        if self.cache_device is not None:
+            sample = sample.to(self.cache_device)
         self._cache.setdefault(layer, []).append(sample)
 
     def _stats_hook(self, site: _Site):
@@ -254,11 +263,16 @@ class SplitQModifier(Modifier):
         aux = None if ab is None else max(ab, floor)
         return wb, (aux, aux, ab)
 
-    def _select(self, site: _Site) -> ChannelSplit:
+    def _plan(self, site: _Site) -> tuple[ChannelSplit, SitePlan]:
+        """The site's channel split and path layout (aligned counts, balanced factors)."""
         site.stats.all_reduce()
         d = site.stats.dim
+        outs = [lin.out_features for _, lin in site.linears]
         if self.channel_selection == "none":
-            return ChannelSplit.none(d)
+            return ChannelSplit.none(d), plan_site(d, outs, 0.0, 0.0, self.channel_multiple)
+        plan = plan_site(
+            d, outs, self.vision_outlier_ratio, self.text_outlier_ratio, self.channel_multiple
+        )
         v, t, m = select_channels(
             site.stats,
             self.channel_selection,
@@ -266,8 +280,12 @@ class SplitQModifier(Modifier):
             self.text_outlier_ratio,
             num_clusters=self.num_clusters,
             seed=self.seed,
+            counts=plan.sizes[:2],
         )
-        return ChannelSplit(v.cpu(), t.cpu(), m.cpu())
+        split = ChannelSplit(v.cpu(), t.cpu(), m.cpu())
+        if split.sizes != plan.sizes:  # a modality was missing: fewer outlier channels
+            plan = plan_for_sizes(split.sizes, outs)
+        return split, plan
 
     def _smoothing(self, site: _Site) -> torch.Tensor:
         """SmoothQuant-style init of ``c``: ``w_max^(1-a) / x_max^a`` per input channel."""
@@ -292,16 +310,19 @@ class SplitQModifier(Modifier):
         for p in layer.parameters():
             p.requires_grad_(False)
         swapped: list[tuple[torch.nn.Module, str, SplitQLinear]] = []
+        layouts = []
         for site in self._sites[layer]:
-            split = self._select(site)
+            split, plan = self._plan(site)
             smooth = self._smoothing(site)
             self._report[f"{name}.{site.name}"] = {
                 "vision": split.vision.tolist(),
                 "text": split.text.tolist(),
                 "dim": sum(split.sizes),
+                **plan.to_dict(),
             }
+            layouts.append(f"{site.name} {'/'.join(map(str, plan.sizes))}")
             seed = self.seed + 3 * len(self._report) if self.rotation_init else None
-            ss = SplitSite(split, abits, smooth, self.learn_transforms, seed).to(device)
+            ss = SplitSite(split, abits, smooth, self.learn_transforms, seed, plan.dims).to(device)
             for lin_name, lin in site.linears:
                 q = SplitQLinear(
                     lin,
@@ -322,7 +343,10 @@ class SplitQModifier(Modifier):
             setattr(parent, attr, q.freeze())
         self._context.text_mask = None
         self._report[name] = {"loss_before": before, "loss_after": after}
-        logger.info(f"SplitQ {name}: relative output error {before:.4g} -> {after:.4g}")
+        logger.info(
+            f"SplitQ {name}: paths v/t/m {', '.join(layouts)}; relative output error "
+            f"{before:.4g} -> {after:.4g}"
+        )
 
     def _set_mask(self, mask: torch.Tensor | None) -> None:
         self._context.text_mask = mask

@@ -15,10 +15,13 @@ Two modules live here:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from splitq_modifier.acc import FrozenLowRankBranch, LowRankBranch, QuantBranch
 from splitq_modifier.quant import fake_quant, quantize_sym
@@ -38,12 +41,68 @@ __all__ = [
     "SplitQLinear",
     "FrozenSplitQLinear",
     "ModalityContext",
+    "cached_weights",
 ]
 
 #: Path order everywhere: vision-outlier, text-outlier, main.
 PATHS = ("vision", "text", "main")
 #: Initial logit of every learnable clipping factor (sigmoid(4) ~= 0.982).
 CLIP_INIT = 4.0
+
+#: Quantized path weights of each SplitQLinear, kept while :func:`cached_weights` is active.
+_WEIGHT_CACHE: dict[int, list[torch.Tensor]] | None = None
+
+
+@contextlib.contextmanager
+def cached_weights() -> Iterator[None]:
+    """Compute each :class:`SplitQLinear`'s quantized path weights once inside the block.
+
+    One optimiser step runs several samples through a layer with the same parameters; the
+    weight side (gather, transform, CWS residual, fake quantization of every full-size weight)
+    is the same for all of them, so it is computed on the first sample and reused (one graph,
+    one backward through it). Used like ``torch.nn.utils.parametrize.cached()``; nesting is
+    allowed (the outermost block owns the cache).
+    """
+    global _WEIGHT_CACHE
+    if _WEIGHT_CACHE is not None:
+        yield
+        return
+    _WEIGHT_CACHE = {}
+    try:
+        yield
+    finally:
+        _WEIGHT_CACHE = None
+
+
+def _quantized_weights(
+    weight: torch.Tensor,
+    perm: torch.Tensor,
+    sizes: tuple[int, int, int],
+    inv_scales: list[torch.Tensor],
+    mats: list[list[torch.Tensor]],
+    branch: tuple[torch.Tensor, torch.Tensor] | None,
+    bits: tuple[int, int, int],
+    clips: list[torch.Tensor] | None,
+) -> list[torch.Tensor]:
+    """Transformed (and, with ``clips``, fake-quantized) path weights of one linear.
+
+    ``W[:, C_p] / c_p`` times the inverse-transposed factors of path ``p``; the main path minus
+    the CWS branch ``up @ down``. Pure function of its arguments, so it can run under
+    activation checkpointing (:meth:`SplitQLinear.path_weights`).
+    """
+    parts = weight.float()[:, perm].split(sizes, dim=1)
+    out = []
+    for p, w in enumerate(parts):
+        if w.shape[1]:
+            w = w * inv_scales[p]
+            if mats[p]:
+                w = apply_kron(w, mats[p])
+        if p == 2 and branch is not None:
+            w = w - branch[0] @ branch[1]
+        if clips is not None:
+            w = fake_quant(w, bits[p], clips[p])
+        out.append(w)
+    return out
 
 
 class ModalityContext:
@@ -102,6 +161,8 @@ class SplitSite(nn.Module):
     :param smooth: initial smoothing scale per channel (full width ``d``), or None
     :param learn_factors: learn the invertible factors (else smoothing scale only)
     :param rotation_seed: start the factors as seeded random rotations (None: identity)
+    :param dims: Kronecker factor sizes per path (:mod:`splitq_modifier.layout`); default:
+        the most balanced divisor pair of each path's width
     """
 
     def __init__(
@@ -111,6 +172,7 @@ class SplitSite(nn.Module):
         smooth: torch.Tensor | None = None,
         learn_factors: bool = True,
         rotation_seed: int | None = None,
+        dims: tuple[tuple[int, ...], ...] | None = None,
     ):
         super().__init__()
         self.sizes = split.sizes
@@ -120,16 +182,22 @@ class SplitSite(nn.Module):
         for p, idx in enumerate((split.vision, split.text, split.main)):
             s = None if smooth is None else smooth[idx]
             seed = None if rotation_seed is None else rotation_seed + p
-            self.transforms.append(PathTransform(len(idx), s, learn_factors, seed))
+            pd = None if dims is None else dims[p]
+            self.transforms.append(PathTransform(len(idx), s, learn_factors, seed, pd))
         self.act_clip_logit = nn.Parameter(torch.full((3,), CLIP_INIT))
         self.quantize = True
         self._memo: tuple | None = None
         self._params: list[nn.Parameter] | None = None
 
+    def weight_transforms(self) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+        """Per path: the inverse smoothing scale ``1 / c`` and the factors of ``P^-T``."""
+        inv = [(-t.log_c).exp() for t in self.transforms]
+        return inv, [t.weight_mats() for t in self.transforms]
+
     def split_weight(self, weight: torch.Tensor) -> list[torch.Tensor]:
         """The transformed weight of each path: ``W[:, C_p] P_p^-T``."""
-        parts = weight.float()[:, self.perm].split(self.sizes, dim=1)
-        return [t.transform_weight(w) for t, w in zip(self.transforms, parts)]
+        inv, mats = self.weight_transforms()
+        return _quantized_weights(weight, self.perm, self.sizes, inv, mats, None, (0, 0, 0), None)
 
     def split_act(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The transformed activation of each path: ``X[:, C_p] P_p`` (fp32).
@@ -207,22 +275,34 @@ class SplitQLinear(nn.Module):
             if mac is not None:
                 self.mac = LowRankBranch(w_main, mac)
 
-    def path_weights(self) -> list[torch.Tensor]:
-        """Transformed per-path weights, with the CWS branch taken out of the main path."""
-        ws = self.site.split_weight(self.weight)
-        if self.cws is not None:
-            ws[2] = ws[2] - self.cws.weight()
-        return ws
+    def path_weights(self, quantize: bool = False) -> list[torch.Tensor]:
+        """Transformed per-path weights, with the CWS branch taken out of the main path;
+        fake-quantized (per output channel, learnable clipping) when ``quantize``.
+
+        With gradients on, the full-size intermediates (gathered, scaled, transformed,
+        rounded copies of the weight) are not kept for the backward pass but recomputed
+        there (activation checkpointing): only the result is kept, so training holds about
+        one extra copy of each weight instead of a dozen. The small transform matrices are
+        computed outside the checkpointed function, once.
+        """
+        site = self.site
+        inv, mats = site.weight_transforms()
+        branch = None if self.cws is None else (self.cws.up(), self.cws.down)
+        clips = [torch.sigmoid(c) for c in self.w_clip_logit] if quantize else None
+        args = (self.weight, site.perm, site.sizes, inv, mats, branch, self.weight_bits, clips)
+        if torch.is_grad_enabled():
+            return checkpoint(_quantized_weights, *args, use_reentrant=False)
+        return _quantized_weights(*args)
 
     def quantized_path_weights(self) -> list[torch.Tensor]:
-        """Fake-quantized per-path weights (per output channel, learnable clipping)."""
-        ws = self.path_weights()
-        if not self.site.quantize:
-            return ws
-        return [
-            fake_quant(w, b, torch.sigmoid(c))
-            for w, b, c in zip(ws, self.weight_bits, self.w_clip_logit)
-        ]
+        """Fake-quantized per-path weights, computed once per :func:`cached_weights` block."""
+        cache = _WEIGHT_CACHE
+        if cache is not None and id(self) in cache:
+            return cache[id(self)]
+        ws = self.path_weights(quantize=self.site.quantize)
+        if cache is not None:
+            cache[id(self)] = ws
+        return ws
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xs = self.site.split_act(x)
@@ -244,7 +324,7 @@ class SplitQLinear(nn.Module):
         """The inference form: integer weights and scales, fixed transforms and clipping."""
         site = self.site
         ints, scales = [], []
-        for w, b, c in zip(self.path_weights(), self.weight_bits, self.w_clip_logit):
+        for w, b, c in zip(self.path_weights(False), self.weight_bits, self.w_clip_logit):
             q, s = quantize_sym(w, b, torch.sigmoid(c))
             ints.append(q.to(torch.int8))
             scales.append(s.squeeze(1).float())

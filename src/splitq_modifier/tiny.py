@@ -47,18 +47,17 @@ class TinyVLM:
     tokenizer: object = None
 
 
-def _qwen(hidden: int, layers: int, vocab: int):
+def _qwen(hidden: int, layers: int, vocab: int, intermediate: int, heads: int, kv_heads: int):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    heads = 4
     half = hidden // heads // 2
     cfg = Qwen2_5_VLConfig(
         text_config=dict(
             hidden_size=hidden,
-            intermediate_size=2 * hidden,
+            intermediate_size=intermediate,
             num_hidden_layers=layers,
             num_attention_heads=heads,
-            num_key_value_heads=2,
+            num_key_value_heads=kv_heads,
             vocab_size=vocab,
             bos_token_id=None,
             eos_token_id=None,
@@ -87,17 +86,17 @@ def _qwen(hidden: int, layers: int, vocab: int):
     return Qwen2_5_VLForConditionalGeneration(cfg)
 
 
-def _llava(hidden: int, layers: int, vocab: int):
+def _llava(hidden: int, layers: int, vocab: int, intermediate: int, heads: int, kv_heads: int):
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     cfg = LlavaConfig(
         text_config=dict(
             model_type="llama",
             hidden_size=hidden,
-            intermediate_size=2 * hidden,
+            intermediate_size=intermediate,
             num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
             vocab_size=vocab,
             bos_token_id=None,
             eos_token_id=None,
@@ -190,17 +189,25 @@ def build_tiny_vlm(
     magnitude: float = 50.0,
     seed: int = 0,
     path: str | None = None,
+    intermediate: int | None = None,
+    heads: int = 4,
+    kv_heads: int = 2,
 ) -> TinyVLM:
     """Build a tiny random-weight VLM with planted outliers, saved to ``path``.
 
     The model is saved (weights and config) because llm-compressor's ``oneshot`` reads the
     config back from ``config.name_or_path``. ``outliers`` channels are planted per modality,
-    disjoint, at fixed positions derived from ``seed``.
+    disjoint, at fixed positions derived from ``seed``. ``intermediate`` (default
+    ``2 * hidden``), ``heads`` and ``kv_heads`` set the language model's other widths (head
+    dim = ``hidden / heads``), so real-width single layers can be built too.
     """
     if arch not in ARCH_CHOICES:
         raise ValueError(f"arch must be one of {ARCH_CHOICES}, got {arch!r}")
     torch.manual_seed(seed)
-    model = (_qwen if arch == "qwen2_5_vl" else _llava)(hidden, layers, vocab)
+    inter = 2 * hidden if intermediate is None else intermediate
+    model = (_qwen if arch == "qwen2_5_vl" else _llava)(
+        hidden, layers, vocab, inter, heads, kv_heads
+    )
     model.eval()
     with torch.no_grad():  # confident next-token predictions, as a trained LM makes
         model.lm_head.weight.mul_(20.0)

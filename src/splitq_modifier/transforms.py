@@ -8,8 +8,8 @@ kept orthogonal by ``torch.nn.utils.parametrizations.orthogonal`` and ``sigma > 
 (stored as its log), so the inverse-transpose is ``U diag(1/sigma) V^T``: no matrix
 inverse is ever taken.
 
-Small paths (the outlier paths, 2% of the channels) use one dense factor; large paths use
-the two divisors of their width nearest its square root.
+The factor sizes of each path come from :mod:`splitq_modifier.layout` (one dense factor for
+narrow paths, two or three balanced Kronecker factors for wide ones).
 """
 
 from __future__ import annotations
@@ -20,26 +20,14 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
+from splitq_modifier.layout import kron_dims
+
 __all__ = [
     "InvertibleFactor",
     "PathTransform",
-    "balanced_factors",
     "apply_kron",
     "random_orthogonal",
 ]
-
-#: Paths at most this wide use a single dense factor instead of a Kronecker pair.
-DENSE_MAX = 64
-
-
-def balanced_factors(n: int) -> tuple[int, int]:
-    """The divisor pair ``(a, b)``, ``a <= b``, ``a * b = n``, with ``a`` nearest sqrt(n)."""
-    if n <= 0:
-        raise ValueError(f"cannot factor a path of width {n}")
-    a = int(math.isqrt(n))
-    while n % a:
-        a -= 1
-    return a, n // a
 
 
 def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -49,19 +37,22 @@ def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
 
 
 def apply_kron(x: torch.Tensor, mats: list[torch.Tensor]) -> torch.Tensor:
-    """Compute ``x @ (M_1 kron M_2 ...)`` on the last dim of ``x`` without forming the product.
+    """Compute ``x @ (M_1 kron M_2 kron ...)`` on the last dim of ``x`` without the product.
 
-    One matrix is a plain matmul; two act on ``x`` viewed as ``(..., a, b)`` as
-    ``M_1^T X M_2`` (row-major vec of ``X``).
+    ``x`` is viewed as ``(..., n_1, ..., n_f)`` (row-major, the channel index is
+    ``i_1 n_2 ... n_f + ... + i_f``); each factor acts on its own axis: the last by a plain
+    matmul, every other one as ``M_i^T Y`` on that axis. One matrix is a plain matmul.
     """
     if len(mats) == 1:
         return x @ mats[0]
-    a_mat, b_mat = mats
-    a, b = a_mat.shape[0], b_mat.shape[0]
-    lead = x.shape[:-1]
-    xr = x.reshape(*lead, a, b)
-    out = torch.matmul(a_mat.transpose(0, 1), xr) @ b_mat
-    return out.reshape(*lead, a * b)
+    dims = [int(m.shape[0]) for m in mats]
+    lead, n = x.shape[:-1], x.shape[-1]
+    y = x.reshape(-1, dims[-1]) @ mats[-1]
+    post = dims[-1]
+    for i in range(len(mats) - 2, -1, -1):
+        y = torch.matmul(mats[i].transpose(0, 1), y.reshape(-1, dims[i], post))
+        post *= dims[i]
+    return y.reshape(*lead, n)
 
 
 class InvertibleFactor(nn.Module):
@@ -98,6 +89,8 @@ class PathTransform(nn.Module):
     :param learn_factors: when False only the smoothing scale is kept (SmoothQuant-like)
     :param rotation_seed: when given, the factors start as random rotations (so the path
         starts incoherent, as a QuIP-style rotation would leave it) instead of the identity
+    :param dims: Kronecker factor sizes (product ``n``); default: the layout's choice for a
+        path of width ``n`` (:func:`splitq_modifier.layout.kron_dims`)
     """
 
     def __init__(
@@ -106,6 +99,7 @@ class PathTransform(nn.Module):
         smooth: torch.Tensor | None = None,
         learn_factors: bool = True,
         rotation_seed: int | None = None,
+        dims: tuple[int, ...] | None = None,
     ):
         super().__init__()
         self.n = n
@@ -115,9 +109,9 @@ class PathTransform(nn.Module):
         self.log_c = nn.Parameter(init.log())
         self.factors = nn.ModuleList()
         if n and learn_factors:
-            dims = [n] if n <= DENSE_MAX else list(balanced_factors(n))
-            if len(dims) == 2 and dims[0] == 1:
-                dims = [n]  # prime width: one dense factor
+            dims = tuple(kron_dims(n, 2, balanced_only=False) if dims is None else dims)
+            if math.prod(dims) != n:
+                raise ValueError(f"factor sizes {list(dims)} do not multiply to the width {n}")
             g = None if rotation_seed is None else torch.Generator().manual_seed(rotation_seed)
             self.factors.extend(
                 InvertibleFactor(k, None if g is None else random_orthogonal(k, g)) for k in dims
