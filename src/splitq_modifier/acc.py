@@ -25,14 +25,22 @@ import torch
 from torch import nn
 
 from splitq_modifier.quant import fake_quant, quantize_sym
-from splitq_modifier.runtime.ops import (
-    SplitQBranch,
-    pack_path_weight,
-    packed_words,
-    unpack_path_weight,
-)
 
-__all__ = ["QuantBranch", "LowRankBranch", "FrozenLowRankBranch", "branch_rank", "top_singular"]
+__all__ = ["QuantBranch", "LowRankBranch", "FrozenBranch", "branch_rank", "top_singular"]
+
+
+@dataclass(frozen=True)
+class FrozenBranch:
+    """A calibrated branch of one linear: int8 codes and fp32 per-row scales of ``down``
+    (``r x k``) and ``up`` (``d_out x r``, gate folded in), at ``bits``; the runtime packs the
+    branches of a site's linears together (:class:`splitq_modifier.runtime.SiteBranch`)."""
+
+    down_int: torch.Tensor
+    down_scale: torch.Tensor
+    up_int: torch.Tensor
+    up_scale: torch.Tensor
+    bits: int
+    input: str = "residual"
 
 
 @dataclass(frozen=True)
@@ -165,163 +173,15 @@ class LowRankBranch(nn.Module):
         return _text_only(_branch(u, down, up, self.cfg.bits, quantize, True), mask)
 
     @torch.no_grad()
-    def freeze(self) -> FrozenLowRankBranch:
+    def freeze(self) -> FrozenBranch:
         """Integer factors with the gate folded into ``up``."""
         d_int, d_scale = quantize_sym(self.down, self.cfg.bits)
         u_int, u_scale = quantize_sym(self.up(), self.cfg.bits)
-        return FrozenLowRankBranch(
+        return FrozenBranch(
             down_int=d_int.to(torch.int8),
-            down_scale=d_scale.squeeze(1),
+            down_scale=d_scale.squeeze(1).float(),
             up_int=u_int.to(torch.int8),
-            up_scale=u_scale.squeeze(1),
+            up_scale=u_scale.squeeze(1).float(),
             bits=self.cfg.bits,
             input=self.cfg.input,
-        )
-
-
-class FrozenLowRankBranch(nn.Module):
-    """A calibrated branch: packed integer ``down`` (``r x k``) and ``up`` (``d_out x r``) factors.
-
-    The constructor takes int8 codes (what :meth:`LowRankBranch.freeze` produces) and packs them
-    densely along their input dim with compressed-tensors' ``pack_to_int32``
-    (:func:`splitq_modifier.runtime.pack_path_weight`); the module holds only the packed codes
-    and the per-row fp32 scales, which is also what the ``splitq-packed`` format stores:
-
-    - ``down_packed`` int32 ``(r, ceil(k * bits / 32))``, ``down_scale`` fp32 ``(r,)``;
-    - ``up_packed`` int32 ``(d_out, ceil(r * bits / 32))``, ``up_scale`` fp32 ``(d_out,)``
-      (the learned gate is folded into ``up``).
-
-    :param down_int: int8 codes of ``down`` (``r x k``)
-    :param down_scale: per-row scale of ``down``
-    :param up_int: int8 codes of ``up`` (``d_out x r``)
-    :param up_scale: per-row scale of ``up``
-    :param bits: bits of both factors and of the branch activations
-    :param input: what a MAC branch reads (``"residual"`` or ``"act"``)
-    """
-
-    def __init__(
-        self,
-        down_int: torch.Tensor,
-        down_scale: torch.Tensor,
-        up_int: torch.Tensor,
-        up_scale: torch.Tensor,
-        bits: int,
-        input: str = "residual",
-    ):
-        super().__init__()
-        self._setup(
-            pack_path_weight(down_int.to(torch.int8), bits),
-            down_scale,
-            pack_path_weight(up_int.to(torch.int8), bits),
-            up_scale,
-            bits,
-            input,
-            in_features=down_int.shape[1],
-        )
-
-    def _setup(
-        self,
-        down_packed: torch.Tensor,
-        down_scale: torch.Tensor,
-        up_packed: torch.Tensor,
-        up_scale: torch.Tensor,
-        bits: int,
-        input: str,
-        in_features: int,
-    ) -> None:
-        if input not in ("residual", "act"):
-            raise ValueError(f"branch input must be 'residual' or 'act', got {input!r}")
-        self.bits = int(bits)
-        self.input = input
-        self.in_features = int(in_features)
-        self.rank = int(down_packed.shape[0])
-        self.out_features = int(up_packed.shape[0])
-        self.register_buffer("down_packed", down_packed)
-        self.register_buffer("down_scale", down_scale.float().reshape(-1))
-        self.register_buffer("up_packed", up_packed)
-        self.register_buffer("up_scale", up_scale.float().reshape(-1))
-
-    @classmethod
-    def from_packed(
-        cls,
-        down_packed: torch.Tensor,
-        down_scale: torch.Tensor,
-        up_packed: torch.Tensor,
-        up_scale: torch.Tensor,
-        bits: int,
-        input: str,
-        in_features: int,
-    ) -> FrozenLowRankBranch:
-        """A branch from already packed codes (the load path: no repacking, no copy).
-
-        :param in_features: ``k``, the unpacked width of ``down`` (the main-path width)
-        """
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self._setup(down_packed, down_scale, up_packed, up_scale, bits, input, in_features)
-        return self
-
-    @staticmethod
-    def tensor_shapes(
-        rank: int, in_features: int, out_features: int, bits: int
-    ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """Name -> (shape, dtype) of the buffers of a branch of these dimensions."""
-        return {
-            "down_packed": ((rank, packed_words(in_features, bits)), torch.int32),
-            "down_scale": ((rank,), torch.float32),
-            "up_packed": ((out_features, packed_words(rank, bits)), torch.int32),
-            "up_scale": ((out_features,), torch.float32),
-        }
-
-    @property
-    def down_int(self) -> torch.Tensor:
-        """Unpacked int8 codes of ``down`` (``r x k``)."""
-        return unpack_path_weight(self.down_packed, self.bits, self.in_features)
-
-    @property
-    def up_int(self) -> torch.Tensor:
-        """Unpacked int8 codes of ``up`` (``d_out x r``)."""
-        return unpack_path_weight(self.up_packed, self.bits, self.rank)
-
-    def runtime_branch(self):
-        """The branch as :class:`splitq_modifier.runtime.SplitQBranch` (shares the tensors)."""
-        return SplitQBranch(
-            down=self.down_packed,
-            down_scale=self.down_scale,
-            up=self.up_packed,
-            up_scale=self.up_scale,
-            w_bits=self.bits,
-            act_bits=self.bits,
-        )
-
-    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        down = self.down_int.float() * self.down_scale[:, None]
-        up = self.up_int.float() * self.up_scale[:, None]
-        return down, up
-
-    def forward(self, xq_main: torch.Tensor) -> torch.Tensor:
-        """CWS branch output (dense fake-quant reference)."""
-        return _branch(xq_main, *self._factors(), self.bits, True, False)
-
-    def text_compensation(
-        self, xs_main: torch.Tensor, xq_main: torch.Tensor, mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        """MAC compensation, text rows only (dense fake-quant reference)."""
-        u = _mac_input(self.input, xs_main, xq_main)
-        return _text_only(_branch(u, *self._factors(), self.bits, True, True), mask)
-
-    def _apply(self, fn, recurse: bool = True):
-        """``.to(dtype)`` / ``.half()`` leave the fp32 scales fp32; devices move as usual."""
-        keep = {n: b for n, b in self._buffers.items() if b is not None and b.is_floating_point()}
-        super()._apply(fn, recurse)
-        for n, old in keep.items():
-            new = self._buffers[n]
-            if new is not None and new.dtype != old.dtype:
-                self._buffers[n] = old.to(new.device)
-        return self
-
-    def extra_repr(self) -> str:
-        return (
-            f"rank={self.rank}, in_features={self.in_features}, "
-            f"out_features={self.out_features}, bits={self.bits}, input={self.input!r}"
         )

@@ -13,7 +13,8 @@ module turns them into counts and factor sizes that suit real widths (2048-8192 
   widths, where ``ratio * d < multiple / 2`` (``d < 800`` at 2%), alignment would multiply the
   outlier paths several times over, so counts stay ``ceil(ratio * d)`` there.
 - **Balanced factors.** A path of width ``n`` > :data:`DENSE_MAX` gets Kronecker factors whose
-  largest is at most :data:`MAX_IMBALANCE` times ``n^(1/f)`` (``f`` factors): the per-token
+  largest is at most :data:`MAX_IMBALANCE` times ``n^(1/f)`` (``f`` factors) and at most
+  :data:`MAX_SIDE`: the per-token
   cost of the transform is ``n * sum(factors)``, smallest when the factors are equal. Among
   balanced factorisations the one with the fewest padded elements (Triton tiles are powers of
   two) and then the smallest sum wins. Narrower paths use one dense factor.
@@ -43,6 +44,7 @@ from loguru import logger
 __all__ = [
     "DENSE_MAX",
     "MAX_IMBALANCE",
+    "MAX_SIDE",
     "TRANSFORM_BUDGET",
     "SitePlan",
     "factorizations",
@@ -58,6 +60,9 @@ DENSE_MAX = 64
 #: A factorisation into ``f`` factors is balanced when its largest factor is at most this
 #: multiple of ``n ** (1 / f)``.
 MAX_IMBALANCE = 2.0
+#: Largest factor side of a balanced factorisation: one factor is one ``tl.dot`` operand in
+#: the fused transform kernel, and 128 keeps it (padded to a power of two) within one tile.
+MAX_SIDE = 128
 #: Largest allowed transform cost, as a fraction of the site's linear MACs per token.
 TRANSFORM_BUDGET = 0.05
 #: How many multiples each outlier count may move to find a main width that factors well.
@@ -83,7 +88,7 @@ def factorizations(n: int, f: int) -> tuple[tuple[int, ...], ...]:
 
 
 def _is_balanced(dims: tuple[int, ...], n: int) -> bool:
-    return max(dims) <= MAX_IMBALANCE * n ** (1 / len(dims)) + 1e-9
+    return max(dims) <= min(MAX_IMBALANCE * n ** (1 / len(dims)) + 1e-9, MAX_SIDE)
 
 
 def kron_dims(n: int, num_factors: int = 2, balanced_only: bool = True) -> tuple[int, ...] | None:

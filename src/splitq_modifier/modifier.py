@@ -38,12 +38,8 @@ from splitq_modifier.arch import ArchSpec, find_sites, get_arch, is_decoder_laye
 from splitq_modifier.calibrate import LayerSample, TrainConfig, layer_output, train_layer
 from splitq_modifier.layout import SitePlan, plan_for_sizes, plan_site
 from splitq_modifier.mocd import SELECTION_RULES, ChannelStats, select_channels
-from splitq_modifier.split_linear import (
-    ChannelSplit,
-    ModalityContext,
-    SplitQLinear,
-    SplitSite,
-)
+from splitq_modifier.runtime import ModalityContext, attach_modality_context
+from splitq_modifier.split_linear import ChannelSplit, SplitQLinear, SplitSite, freeze_site
 
 __all__ = ["SplitQModifier"]
 
@@ -309,7 +305,7 @@ class SplitQModifier(Modifier):
         device = next(layer.parameters()).device
         for p in layer.parameters():
             p.requires_grad_(False)
-        swapped: list[tuple[torch.nn.Module, str, SplitQLinear]] = []
+        swapped: list[tuple[SplitSite, torch.nn.Module, list[str], list[SplitQLinear]]] = []
         layouts = []
         for site in self._sites[layer]:
             split, plan = self._plan(site)
@@ -323,6 +319,7 @@ class SplitQModifier(Modifier):
             layouts.append(f"{site.name} {'/'.join(map(str, plan.sizes))}")
             seed = self.seed + 3 * len(self._report) if self.rotation_init else None
             ss = SplitSite(split, abits, smooth, self.learn_transforms, seed, plan.dims).to(device)
+            parents, attrs, qs = [], [], []
             for lin_name, lin in site.linears:
                 q = SplitQLinear(
                     lin,
@@ -334,13 +331,22 @@ class SplitQModifier(Modifier):
                 ).to(device)
                 parent, attr = _parent(layer, lin_name[len(name) + 1 :])
                 setattr(parent, attr, q)
-                swapped.append((parent, attr, q))
+                parents.append(parent)
+                attrs.append(attr)
+                qs.append(q)
+            if any(p is not parents[0] for p in parents):
+                raise ValueError(
+                    f"SplitQ site {name}.{site.name}: its linears {attrs} must share one parent "
+                    "module (fix the site table in splitq_modifier.arch)"
+                )
+            swapped.append((ss, parents[0], attrs, qs))
             site.stats = None  # free the statistics
         cfg = TrainConfig(self.epochs, self.lr, self.clip_lr_multiplier, self.batch_size, self.seed)
         with HooksMixin.disable_hooks():
             before, after = train_layer(layer, samples, cfg, self._set_mask, desc=f"SplitQ {name}")
-        for parent, attr, q in swapped:
-            setattr(parent, attr, q.freeze())
+        for ss, parent, attrs, qs in swapped:
+            for attr, frozen in zip(attrs, freeze_site(ss, qs, attrs, self._context)):
+                setattr(parent, attr, frozen)
         self._context.text_mask = None
         self._report[name] = {"loss_before": before, "loss_after": after}
         logger.info(
@@ -363,28 +369,3 @@ class SplitQModifier(Modifier):
 def _parent(root: torch.nn.Module, path: str) -> tuple[torch.nn.Module, str]:
     parent_path, _, attr = path.rpartition(".")
     return (root.get_submodule(parent_path) if parent_path else root), attr
-
-
-def attach_modality_context(
-    model: torch.nn.Module, vision_ids: list[int], context: ModalityContext
-) -> None:
-    """Keep ``context.text_mask`` up to date from every forward's ``input_ids``.
-
-    A forward pre-hook on the input embedding marks non-vision tokens as text. Calls without
-    ``input_ids`` (embeddings passed directly) leave no mask: every token then counts as
-    text, as for tokens generated at decode time.
-    """
-    ids = torch.tensor(vision_ids, dtype=torch.long)
-
-    def hook(module: torch.nn.Module, args: tuple) -> None:
-        x = args[0] if args else None
-        if isinstance(x, torch.Tensor) and not x.is_floating_point():
-            context.text_mask = ~torch.isin(x, ids.to(x.device))
-        else:
-            context.text_mask = None
-
-    old = getattr(model, "_splitq_context_hook", None)
-    if old is not None:
-        old.remove()
-    model._splitq_context_hook = model.get_input_embeddings().register_forward_pre_hook(hook)
-    model.splitq_context = context

@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
 from splitq_modifier.layout import kron_dims
+from splitq_modifier.runtime.quant import apply_kron
 
 __all__ = [
     "InvertibleFactor",
@@ -34,25 +35,6 @@ def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
     """A random ``n x n`` orthogonal matrix (QR of a Gaussian, signs fixed: Haar measure)."""
     q, r = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
     return (q * torch.sign(torch.diagonal(r))).float()
-
-
-def apply_kron(x: torch.Tensor, mats: list[torch.Tensor]) -> torch.Tensor:
-    """Compute ``x @ (M_1 kron M_2 kron ...)`` on the last dim of ``x`` without the product.
-
-    ``x`` is viewed as ``(..., n_1, ..., n_f)`` (row-major, the channel index is
-    ``i_1 n_2 ... n_f + ... + i_f``); each factor acts on its own axis: the last by a plain
-    matmul, every other one as ``M_i^T Y`` on that axis. One matrix is a plain matmul.
-    """
-    if len(mats) == 1:
-        return x @ mats[0]
-    dims = [int(m.shape[0]) for m in mats]
-    lead, n = x.shape[:-1], x.shape[-1]
-    y = x.reshape(-1, dims[-1]) @ mats[-1]
-    post = dims[-1]
-    for i in range(len(mats) - 2, -1, -1):
-        y = torch.matmul(mats[i].transpose(0, 1), y.reshape(-1, dims[i], post))
-        post *= dims[i]
-    return y.reshape(*lead, n)
 
 
 class InvertibleFactor(nn.Module):
@@ -116,6 +98,11 @@ class PathTransform(nn.Module):
             self.factors.extend(
                 InvertibleFactor(k, None if g is None else random_orthogonal(k, g)) for k in dims
             )
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        """Side of each factor (``()`` without factors)."""
+        return tuple(int(f.log_sigma.numel()) for f in self.factors)
 
     def act_mats(self) -> list[torch.Tensor]:
         """Matrices applied to activations (Kronecker factors of ``A kron B``)."""

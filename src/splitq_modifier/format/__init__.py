@@ -9,7 +9,7 @@ Importing this subpackage (``import splitq_modifier`` does) registers everything
   before llm-compressor's ``save_pretrained(dir, save_compressed=True)`` compresses the model
   (:mod:`.save`);
 - :class:`SplitQCompressedTensorsHfQuantizer` as transformers' ``compressed-tensors``
-  quantizer, which turns loaded SplitQ linears into :class:`FrozenSplitQLinear` modules
+  quantizer, which turns loaded SplitQ linears into :class:`SplitQSiteLinear` modules
   (:mod:`.load`).
 
 See ``docs/format.md``.
@@ -23,7 +23,7 @@ from splitq_modifier.format.load import (
     install_loader,
 )
 from splitq_modifier.format.registry import register_format
-from splitq_modifier.format.save import install_save_hook, link_sites, prepare_model_for_save
+from splitq_modifier.format.save import install_save_hook, prepare_model_for_save
 from splitq_modifier.format.spec import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -48,6 +48,5 @@ __all__ = [
     "SplitQPackedCompressor",
     "check_checkpoint",
     "convert_loaded_model",
-    "link_sites",
     "prepare_model_for_save",
 ]

@@ -1,14 +1,16 @@
 """The ``splitq-packed`` compressor, registered with compressed-tensors' ``BaseCompressor``.
 
 A SplitQ linear is already stored in its compressed form in memory
-(:class:`~splitq_modifier.split_linear.FrozenSplitQLinear` holds packed int32 codes, scales and
-fixed transforms), so compressing it changes no tensor: :meth:`SplitQPackedCompressor.compress`
-checks the tensors against the scheme's spec and keeps the ones the format stores. Its other
-job is the load path: transformers first builds the model on the meta device, lets
-compressed-tensors attach the schemes to the plain ``nn.Linear`` modules and compresses that
-empty model, so ``compress`` turns a meta ``weight`` into meta tensors of every stored name
-and shape (derived from the scheme alone); the checkpoint is then loaded into them, and
-:mod:`splitq_modifier.format.load` swaps the modules for ``FrozenSplitQLinear``.
+(:class:`~splitq_modifier.runtime.SplitQSiteLinear`: the site's owner holds packed int32 codes,
+scales and fixed transforms of the whole site), so compressing it changes no tensor:
+:meth:`SplitQPackedCompressor.compress` checks the tensors against the scheme's spec and keeps
+the ones the format stores. Its other job is the load path: transformers first builds the
+model on the meta device, lets compressed-tensors attach the schemes to the plain
+``nn.Linear`` modules and compresses that empty model, so ``compress`` turns a meta
+``weight`` into meta tensors of every stored name and shape (derived from the scheme alone:
+the whole site's on the owner, none on the other members, whose weight and bias live in the
+owner's concatenated tensors); the checkpoint is then loaded into them, and
+:mod:`splitq_modifier.format.load` swaps the modules for ``SplitQSiteLinear``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from compressed_tensors.utils import get_direct_state_dict, replace_direct_state
 from torch import nn
 
 from splitq_modifier.format.spec import FORMAT_NAME, LinearSpec, SplitQFormatError
-from splitq_modifier.split_linear import FrozenSplitQLinear
+from splitq_modifier.runtime.modules import SplitQSiteLinear
 
 __all__ = ["SplitQPackedCompressor", "BranchHolder"]
 
@@ -36,7 +38,7 @@ class BranchHolder(nn.Module):
 class SplitQPackedCompressor(BaseCompressor):
     """``splitq-packed``: per-path packed int weights, scales, site transforms and branches.
 
-    See ``docs/format.md`` for the tensors. Only :class:`FrozenSplitQLinear` modules (made by
+    See ``docs/format.md`` for the tensors. Only :class:`SplitQSiteLinear` modules (made by
     ``SplitQModifier``) can be compressed into this format; there is no dense equivalent to
     decompress to, because activations are transformed and quantized online.
     """
@@ -54,8 +56,9 @@ class SplitQPackedCompressor(BaseCompressor):
         """The stored tensors of one SplitQ linear (local names; branch tensors as ``cws.*``).
 
         - A meta ``weight`` (transformers' empty model before loading): meta tensors of every
-          stored name, shape and dtype, derived from the scheme and the weight's shape.
-        - The tensors of a ``FrozenSplitQLinear`` (``weight_packed_*`` ...): checked against
+          stored name, shape and dtype, derived from the scheme and the weight's shape (the
+          linear's own ``bias`` is dropped: the site stores a concatenated ``site_bias``).
+        - The tensors of a ``SplitQSiteLinear`` (``weight_packed_*`` ...): checked against
           the scheme and returned as they are (they are already packed).
         - A real dense ``weight``: an error (SplitQ weights come from calibration).
         """
@@ -66,22 +69,19 @@ class SplitQPackedCompressor(BaseCompressor):
             if weight.device.type != "meta":
                 raise SplitQFormatError(
                     "a dense weight cannot be compressed to splitq-packed: SplitQ linears are "
-                    "produced by SplitQModifier (oneshot), which leaves FrozenSplitQLinear "
+                    "produced by SplitQModifier (oneshot), which leaves SplitQSiteLinear "
                     "modules that are saved as they are"
                 )
             d_out, d_in = weight.shape
             out = {
                 k: v
                 for k, v in state.items()
-                if k != "weight" and not k.startswith(_CT_QPARAM_PREFIXES)
+                if k not in ("weight", "bias") and not k.startswith(_CT_QPARAM_PREFIXES)
             }
             for name, (shape, dtype) in spec.tensor_shapes(d_out, d_in).items():
                 out[name] = torch.empty(shape, dtype=dtype, device="meta")
             return out
-        d_out = state["weight_scale_2"].shape[0] if "weight_scale_2" in state else None
-        if d_out is None:
-            raise SplitQFormatError("splitq-packed compress: no weight_scale_2 in the state")
-        expected = spec.tensor_shapes(int(d_out), sum(spec.sizes))
+        expected = spec.tensor_shapes(spec.out_splits[spec.index], sum(spec.sizes))
         out = {}
         for name, (shape, dtype) in expected.items():
             t = state.get(name)
@@ -93,8 +93,6 @@ class SplitQPackedCompressor(BaseCompressor):
                     f"scheme expects {dtype} {shape}"
                 )
             out[name] = t
-        if state.get("bias") is not None:
-            out["bias"] = state["bias"]
         return out
 
     @classmethod
@@ -108,14 +106,14 @@ class SplitQPackedCompressor(BaseCompressor):
 
     @classmethod
     def compress_module(cls, module: nn.Module) -> None:
-        """Compress in place: a ``FrozenSplitQLinear`` is checked and marked compressed (its
+        """Compress in place: a ``SplitQSiteLinear`` is checked and marked compressed (its
         tensors already are the stored form); a meta ``nn.Linear`` (load path) gets the stored
         tensors as empty meta parameters, branch tensors in ``cws`` / ``mac`` children."""
         scheme = module.quantization_scheme
-        if isinstance(module, FrozenSplitQLinear):
+        if isinstance(module, SplitQSiteLinear):
             state = get_direct_state_dict(module)
             for name in ("cws", "mac"):
-                child = getattr(module, name)
+                child = getattr(module, name, None) if module.is_owner else None
                 if child is not None:
                     state.update({f"{name}.{k}": v for k, v in child.state_dict().items()})
             cls.compress(state, scheme)
@@ -124,6 +122,8 @@ class SplitQPackedCompressor(BaseCompressor):
         compressed = cls.compress(get_direct_state_dict(module), scheme)
         direct = {k: v for k, v in compressed.items() if "." not in k}
         replace_direct_state_dict(module, direct)
+        if "bias" not in module._parameters:  # the site stores a concatenated bias instead
+            module.register_parameter("bias", None)
         for name in ("cws", "mac"):
             sub = {k.split(".", 1)[1]: v for k, v in compressed.items() if k.startswith(name + ".")}
             if sub:
@@ -135,19 +135,19 @@ class SplitQPackedCompressor(BaseCompressor):
 
     @classmethod
     def decompress_module(cls, module: nn.Module) -> None:
-        """No-op on a ``FrozenSplitQLinear`` (it runs from the packed tensors); an error on a
+        """No-op on a ``SplitQSiteLinear`` (it runs from the packed tensors); an error on a
         linear that was loaded but never converted (the package's loader did not run)."""
-        if isinstance(module, FrozenSplitQLinear):
+        if isinstance(module, SplitQSiteLinear):
             return
         raise SplitQFormatError(
-            "a splitq-packed linear was not converted to FrozenSplitQLinear after loading: "
+            "a splitq-packed linear was not converted to SplitQSiteLinear after loading: "
             "`import splitq_modifier` before calling from_pretrained (it registers the loader)"
         )
 
     @classmethod
     def can_compress(cls, module_type: type, scheme: QuantizationScheme) -> bool:
         """Matches SplitQ linears only."""
-        return isinstance(module_type, type) and issubclass(module_type, FrozenSplitQLinear)
+        return isinstance(module_type, type) and issubclass(module_type, SplitQSiteLinear)
 
 
 def register_compressor() -> type[SplitQPackedCompressor]:

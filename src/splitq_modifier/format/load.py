@@ -21,10 +21,10 @@ for checkpoints without SplitQ groups and, for ``splitq-packed`` ones:
 - rejects an unknown format version when the config is read (before any weight is touched);
 - before loading, checks the checkpoint's tensor names, shapes and dtypes (safetensors
   headers) against what the config's specs require, and fails naming the tensor;
-- after loading, swaps each loaded linear for a :class:`FrozenSplitQLinear` built from the
-  packed tensors (no dense weight is materialised), aliases site tensors of linears that
-  share a site, re-attaches the modality-context hook (vision token ids from the config via
-  :mod:`splitq_modifier.arch`), then decompresses the model's *other* compressed modules as
+- after loading, swaps each loaded linear for a :class:`SplitQSiteLinear` built from the
+  packed tensors (no dense weight is materialised; a site's owner holds its tensors, the
+  other members point at it), re-attaches the modality-context hook (with the vision token ids
+  recorded in the specs at save time), then decompresses the model's *other* compressed modules as
   usual (at load rather than on the first forward) and removes the decompress hook.
 """
 
@@ -41,15 +41,18 @@ from transformers.quantizers import auto as hf_auto
 from transformers.quantizers.quantizer_compressed_tensors import CompressedTensorsHfQuantizer
 from transformers.utils.quantization_config import CompressedTensorsConfig
 
-from splitq_modifier.acc import FrozenLowRankBranch
-from splitq_modifier.arch import get_arch, vision_token_ids
 from splitq_modifier.format.spec import (
     FORMAT_NAME,
     LinearSpec,
     SplitQFormatError,
     is_splitq_scheme,
 )
-from splitq_modifier.split_linear import FrozenSplitQLinear, ModalityContext
+from splitq_modifier.runtime.modules import (
+    ModalityContext,
+    SiteBranch,
+    SplitQSiteLinear,
+    attach_modality_context,
+)
 
 __all__ = [
     "SplitQCompressedTensorsHfQuantizer",
@@ -158,9 +161,9 @@ def check_checkpoint(
     for name, module, spec in _splitq_modules(model):
         desc = (
             f"config.json's splitq spec (sizes={list(spec.sizes)}, "
-            f"weight_bits={list(spec.weight_bits)}, site={spec.site!r}, "
-            f"cws_rank={None if spec.cws is None else spec.cws.rank}, "
-            f"mac_rank={None if spec.mac is None else spec.mac.rank})"
+            f"weight_bits={list(spec.weight_bits)}, outputs={list(spec.out_splits)}, "
+            f"cws_ranks={None if spec.cws is None else list(spec.cws.ranks)}, "
+            f"mac_ranks={None if spec.mac is None else list(spec.mac.ranks)})"
         )
         for local, (shape, dtype) in _expected(module, spec, name).items():
             key = f"{name}.{local}"
@@ -210,20 +213,15 @@ def _tensor(module: nn.Module, local: str, shape, dtype, where: str) -> torch.Te
 
 def _branch(
     module: nn.Module, prefix: str, spec: Any, d_out: int, km: int, where: str
-) -> FrozenLowRankBranch | None:
+) -> SiteBranch | None:
     if spec is None:
         return None
-    shapes = spec.tensor_shapes(km, d_out)
+    shapes = SiteBranch.tensor_shapes(spec.ranks, km, d_out, spec.bits)
     ts = {k: _tensor(module, f"{prefix}.{k}", *shapes[k], where) for k in shapes}
-    return FrozenLowRankBranch.from_packed(
-        ts["down_packed"],
-        ts["down_scale"],
-        ts["up_packed"],
-        ts["up_scale"],
-        bits=spec.bits,
-        input=spec.input,
-        in_features=km,
-    )
+    return SiteBranch(
+        ts["down_packed"], ts["down_scale"], ts["up_packed"], ts["up_scale"], spec.ranks,
+        spec.bits, spec.input,
+    )  # fmt: skip
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str, str]:
@@ -232,53 +230,58 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str, str]:
 
 
 def convert_loaded_model(model: nn.Module, context: ModalityContext | None = None) -> int:
-    """Swap every loaded splitq-packed linear for a :class:`FrozenSplitQLinear` running from
+    """Swap every loaded splitq-packed linear for a :class:`SplitQSiteLinear` running from
     its packed tensors, and attach the modality-context hook. Returns the number swapped."""
-    from splitq_modifier.modifier import attach_modality_context
-
     context = context if context is not None else ModalityContext()
-    todo = [
-        (n, m, s) for n, m, s in _splitq_modules(model) if not isinstance(m, FrozenSplitQLinear)
-    ]
-    todo.sort(key=lambda item: item[2].site is not None)  # site owners first
+    vision_ids: tuple[int, ...] = ()
+    todo = [(n, m, s) for n, m, s in _splitq_modules(model) if not isinstance(m, SplitQSiteLinear)]
+    todo.sort(key=lambda item: item[2].index > 0)  # site owners first
     for name, module, spec in todo:
         d_out, d_in = module.out_features, module.in_features
         expected = spec.tensor_shapes(d_out, d_in, where=name)
-        direct = {k: v for k, v in expected.items() if "." not in k}
-        tensors = {k: _tensor(module, k, *v, name) for k, v in direct.items()}
         parent, parent_name, attr = _parent(model, name)
-        owner = None
-        if spec.site is not None:
+        if spec.members[spec.index] != attr:
+            raise SplitQFormatError(
+                f"splitq-packed linear {name}: config.json records it as member "
+                f"{spec.members[spec.index]!r} of its site. {_FIX}"
+            )
+        if spec.index == 0:
+            direct = {k: v for k, v in expected.items() if "." not in k}
+            tensors = {k: _tensor(module, k, *v, name) for k, v in direct.items()}
+            big_d = sum(spec.out_splits)
+            new = SplitQSiteLinear.owner_from_tensors(
+                tensors,
+                sizes=spec.sizes,
+                dims=spec.factors,
+                out_splits=spec.out_splits,
+                w_bits=spec.weight_bits,
+                a_bits=spec.act_bits,
+                members=spec.members,
+                cws=_branch(module, "cws", spec.cws, big_d, spec.sizes[2], name),
+                mac=_branch(module, "mac", spec.mac, big_d, spec.sizes[2], name),
+                context=context,
+            )
+        else:
             owner = getattr(parent, spec.site, None)
-            if not isinstance(owner, FrozenSplitQLinear):
+            if not isinstance(owner, SplitQSiteLinear) or not owner.is_owner:
                 raise SplitQFormatError(
                     f"splitq-packed linear {name}: its site tensors are stored on sibling "
-                    f"{spec.site!r}, which is not a splitq-packed linear in {parent_name!r}. "
-                    f"{_FIX}"
+                    f"{spec.site!r}, which is not a splitq-packed site owner in "
+                    f"{parent_name!r}. {_FIX}"
                 )
-        bias = getattr(module, "bias", None)
-        new = FrozenSplitQLinear.from_packed(
-            tensors,
-            sizes=spec.sizes,
-            act_bits=spec.act_bits,
-            weight_bits=spec.weight_bits,
-            out_features=d_out,
-            num_factors=tuple(len(f) for f in spec.factors),
-            bias=None if bias is None else bias.data,
-            cws=_branch(module, "cws", spec.cws, d_out, spec.sizes[2], name),
-            mac=_branch(module, "mac", spec.mac, d_out, spec.sizes[2], name),
-            context=context,
-            site_owner=owner,
-            site_ref=spec.site,
-        )
+            if owner.members != spec.members or owner.out_splits != spec.out_splits:
+                raise SplitQFormatError(
+                    f"splitq-packed linear {name}: config.json's site {list(spec.members)} "
+                    f"does not match the one stored on {spec.site!r}. {_FIX}"
+                )
+            new = SplitQSiteLinear.member(owner, spec.index, spec.site)
+        vision_ids = vision_ids or spec.vision_token_ids
         new.quantization_scheme = module.quantization_scheme
         new.quantization_status = QuantizationStatus.COMPRESSED
         new.train(module.training)
         setattr(parent, attr, new)
-    config = getattr(model, "config", None)
-    if todo and config is not None and hasattr(model, "get_input_embeddings"):
-        ids = vision_token_ids(config, get_arch(config))
-        attach_modality_context(model, ids, context)
+    if todo and hasattr(model, "get_input_embeddings"):
+        attach_modality_context(model, list(vision_ids), context)
     return len(todo)
 
 
@@ -288,7 +291,7 @@ def _other_quantized(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [
         (n, m)
         for n, m in model.named_modules()
-        if is_module_quantized(m) and not isinstance(m, FrozenSplitQLinear)
+        if is_module_quantized(m) and not isinstance(m, SplitQSiteLinear)
     ]
 
 

@@ -3,7 +3,7 @@
 compressed-tensors validates formats against the closed enum ``CompressionFormat`` (in
 ``QuantizationScheme.format``, ``compress_module``, ``infer_model_format`` ...), so the member is
 added to that enum in place; the compressor is registered under the same name and put first in
-the format-inference priority list (it only matches ``FrozenSplitQLinear``).
+the format-inference priority list (it only matches ``SplitQSiteLinear``).
 """
 
 from __future__ import annotations

@@ -5,16 +5,13 @@ llm-compressor's ``model.save_pretrained(dir, save_compressed=True)`` (installed
 module's ``quantization_scheme`` into config groups, infers each module's format, compresses
 each module's state dict with that format's compressor, saves, and writes
 ``quantization_config`` into ``config.json``. ``SplitQModifier`` leaves
-:class:`FrozenSplitQLinear` modules without schemes (a scheme needs the module's name, for its
-``targets``), so :func:`prepare_model_for_save` runs first (``import splitq_modifier`` wraps
-``ModelCompressor.from_pretrained_model`` to call it). It
-
-1. links the linears of one activation site (siblings with bit-identical site tensors, e.g.
-   ``q_proj``/``k_proj``/``v_proj``): the first stores ``perm``, ``act_clip``, ``smooth_*``,
-   ``factor_*``; the others alias them and record ``site: "q_proj"`` in their spec;
-2. groups the linears by :class:`LinearSpec` and gives each group one scheme whose targets are
-   ``re:`` patterns of the module names with layer indices generalised (checked to match
-   exactly that group), or the exact names where no pattern does.
+:class:`~splitq_modifier.runtime.SplitQSiteLinear` modules without schemes (a scheme needs the
+module's name, for its ``targets``), so :func:`prepare_model_for_save` runs first
+(``import splitq_modifier`` wraps ``ModelCompressor.from_pretrained_model`` to call it). It
+groups the linears by :class:`LinearSpec` (a site's owner, e.g. ``q_proj``, stores the site's
+tensors; ``k_proj`` and ``v_proj`` record their index in it) and gives each group one scheme
+whose targets are ``re:`` patterns of the module names with layer indices generalised (checked
+to match exactly that group), or the exact names where no pattern does.
 """
 
 from __future__ import annotations
@@ -27,11 +24,10 @@ from compressed_tensors.quantization import QuantizationStatus
 from torch import nn
 
 from splitq_modifier.format.spec import FORMAT_NAME, LinearSpec, SplitQFormatError, is_splitq_scheme
-from splitq_modifier.split_linear import FrozenSplitQLinear
+from splitq_modifier.runtime.modules import SplitQSiteLinear
 
 __all__ = [
     "splitq_linears",
-    "link_sites",
     "prepare_model_for_save",
     "group_name_hint",
     "install_save_hook",
@@ -47,45 +43,9 @@ def group_name_hint(index: int) -> str:
     return f"splitq-packed_{index} ({GROUP_HINT})"
 
 
-def splitq_linears(model: nn.Module) -> list[tuple[str, FrozenSplitQLinear]]:
-    """``(name, module)`` of every :class:`FrozenSplitQLinear` in ``model``."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, FrozenSplitQLinear)]
-
-
-def link_sites(model: nn.Module) -> int:
-    """Store each site's tensors once: siblings with identical site tensors alias the first.
-
-    Existing links are kept when still valid. Returns the number of linked linears.
-    """
-    linked = 0
-    for parent in model.modules():
-        children = [(n, c) for n, c in parent.named_children() if isinstance(c, FrozenSplitQLinear)]
-        if len(children) < 2:
-            continue
-        by_name = dict(children)
-        owners: list[tuple[str, FrozenSplitQLinear]] = []
-        for name, child in children:
-            if child.site_ref is not None:
-                owner = by_name.get(child.site_ref)
-                valid = (
-                    owner is not None
-                    and owner.site_ref is None
-                    and all(
-                        getattr(child, t) is getattr(owner, t) for t in child.site_tensor_names()
-                    )
-                )
-                if valid:
-                    linked += 1
-                    continue
-                child.unlink_site()
-            for owner_name, owner in owners:
-                if child.shares_site_with(owner):
-                    child.link_site(owner, owner_name)
-                    linked += 1
-                    break
-            else:
-                owners.append((name, child))
-    return linked
+def splitq_linears(model: nn.Module) -> list[tuple[str, SplitQSiteLinear]]:
+    """``(name, module)`` of every :class:`SplitQSiteLinear` in ``model``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, SplitQSiteLinear)]
 
 
 def _pattern(name: str) -> str:
@@ -103,12 +63,11 @@ def _targets(names: list[str], all_names: list[str]) -> list[str]:
 
 
 def prepare_model_for_save(model: nn.Module) -> int:
-    """Link sites and attach a ``splitq-packed`` scheme to every SplitQ linear.
+    """Attach a ``splitq-packed`` scheme to every SplitQ linear.
 
     Called automatically by ``ModelCompressor.from_pretrained_model`` once the package is
     imported; idempotent. Returns the number of SplitQ linears.
     """
-    link_sites(model)
     linears = splitq_linears(model)
     groups: dict[LinearSpec, list[str]] = defaultdict(list)
     modules = dict(linears)

@@ -1,11 +1,17 @@
 """What the ``splitq-packed`` format records about one SplitQ linear, and the tensors it stores.
 
 Each SplitQ linear is saved under one compressed-tensors ``QuantizationScheme`` whose
-``weights.observer_kwargs["splitq"]`` holds a :class:`LinearSpec`: path widths, bits, Kronecker
-factor sizes, branch ranks, which sibling holds the site tensors, and the format version.
-Together with the shape of the model's own ``nn.Linear`` (``d_out x d_in``, known on the meta
-model transformers builds before loading), it fixes the name, shape and dtype of every tensor
-the checkpoint must hold for that linear (:meth:`LinearSpec.tensor_shapes`).
+``weights.observer_kwargs["splitq"]`` holds a :class:`LinearSpec`: its site (path widths,
+bits, Kronecker factor sizes, the output widths and names of the site's linears, branch
+ranks), its position in the site, and the format version. The site's first linear (the
+owner) stores every tensor of the site; the spec fixes the name, shape and dtype of each
+(:meth:`LinearSpec.tensor_shapes`), so they can be checked against the model's own
+``nn.Linear`` (``d_out x d_in``, known on the meta model transformers builds before loading)
+and against the checkpoint's headers before any weight is read.
+
+Version 2 (this one) stores a site's tensors once, on its owner, with the linears' weights
+concatenated along the output dim; version 1 (one set of packed weights per linear, sites
+linked by aliasing) is no longer read: re-save such a model.
 """
 
 from __future__ import annotations
@@ -16,8 +22,7 @@ from typing import Any
 import torch
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-from splitq_modifier.acc import FrozenLowRankBranch
-from splitq_modifier.split_linear import FrozenSplitQLinear
+from splitq_modifier.runtime.modules import SiteBranch, SplitQSiteLinear
 
 __all__ = [
     "FORMAT_NAME",
@@ -33,9 +38,9 @@ __all__ = [
 #: The compressed-tensors format name (``CompressionFormat.splitq_packed``).
 FORMAT_NAME = "splitq-packed"
 #: Version written by this package.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 #: Versions this package reads.
-SUPPORTED_VERSIONS = (1,)
+SUPPORTED_VERSIONS = (2,)
 #: Key of the SplitQ spec in ``QuantizationArgs.observer_kwargs``.
 SPEC_KEY = "splitq"
 
@@ -55,33 +60,32 @@ def _version_hint() -> str:
 
 @dataclass(frozen=True)
 class BranchSpec:
-    """A low-rank branch: its rank, bits (factors and activations) and MAC input kind."""
+    """The low-rank branches (CWS or MAC) of a site: rank per linear, bits, MAC input kind."""
 
-    rank: int
+    ranks: tuple[int, ...]
     bits: int
     input: str = "residual"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
-        return {"rank": self.rank, "bits": self.bits, "input": self.input}
-
-    def tensor_shapes(self, km: int, d_out: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """Local name -> (shape, dtype) of the branch tensors."""
-        return FrozenLowRankBranch.tensor_shapes(self.rank, km, d_out, self.bits)
+        return {"ranks": list(self.ranks), "bits": self.bits, "input": self.input}
 
 
 @dataclass(frozen=True)
 class LinearSpec:
-    """Everything, besides ``d_out`` and ``d_in``, that fixes a SplitQ linear's stored tensors.
+    """What fixes a SplitQ linear's stored tensors, besides its ``d_out x d_in``.
 
-    :param sizes: path widths ``(k_v, k_t, k_m)``
+    :param sizes: path widths ``(k_v, k_t, k_m)`` of its site
     :param weight_bits: weight bits per path
     :param act_bits: activation bits per path (None = not quantized)
     :param factors: side lengths of each path's Kronecker factors
-    :param site: attribute name of the sibling linear that stores this linear's site tensors
-        (``perm``, ``act_clip``, ``smooth_*``, ``factor_*``), or None when it stores them
-    :param cws: the CWS branch, or None
-    :param mac: the MAC branch, or None
+    :param out_splits: output widths of the site's linears, owner first
+    :param members: attribute names of the site's linears in their parent, owner first
+    :param index: this linear's position in the site (0 = the owner, which stores the tensors)
+    :param bias: whether the site stores a (concatenated) bias
+    :param cws: the site's CWS branches, or None
+    :param mac: the site's MAC branches, or None
+    :param vision_token_ids: token ids that marked vision positions during calibration
     :param version: format version
     """
 
@@ -89,27 +93,41 @@ class LinearSpec:
     weight_bits: tuple[int, int, int]
     act_bits: tuple[int | None, int | None, int | None]
     factors: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
-    site: str | None = None
+    out_splits: tuple[int, ...]
+    members: tuple[str, ...]
+    index: int = 0
+    bias: bool = False
     cws: BranchSpec | None = None
     mac: BranchSpec | None = None
+    vision_token_ids: tuple[int, ...] = ()
     version: int = FORMAT_VERSION
+
+    @property
+    def site(self) -> str | None:
+        """Attribute name of the linear storing this one's site tensors (None: itself)."""
+        return None if self.index == 0 else self.members[0]
 
     # ------------------------------------------------------------------ conversions
     @classmethod
-    def from_module(cls, module: FrozenSplitQLinear) -> LinearSpec:
-        """The spec of an in-memory linear (its ``site_ref`` decides ``site``)."""
+    def from_module(cls, module: SplitQSiteLinear) -> LinearSpec:
+        """The spec of an in-memory SplitQ linear."""
+        o = module.owner
 
-        def branch(b: FrozenLowRankBranch | None) -> BranchSpec | None:
-            return None if b is None else BranchSpec(b.rank, b.bits, b.input)
+        def branch(b: SiteBranch | None) -> BranchSpec | None:
+            return None if b is None else BranchSpec(tuple(b.ranks), b.bits, b.input)
 
         return cls(
-            sizes=tuple(module.sizes),
-            weight_bits=tuple(module.weight_bits),
-            act_bits=tuple(module.act_bits),
-            factors=module.factor_dims(),
-            site=module.site_ref,
-            cws=branch(module.cws),
-            mac=branch(module.mac),
+            sizes=tuple(o.sizes),
+            weight_bits=tuple(o.w_bits),
+            act_bits=tuple(o.a_bits),
+            factors=tuple(o.dims),
+            out_splits=tuple(o.out_splits),
+            members=tuple(o.members),
+            index=module.index,
+            bias=o.site_bias is not None,
+            cws=branch(o.cws),
+            mac=branch(o.mac),
+            vision_token_ids=() if o.context is None else tuple(o.context.vision_ids),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -121,9 +139,13 @@ class LinearSpec:
             "weight_bits": list(self.weight_bits),
             "act_bits": list(self.act_bits),
             "factors": [list(f) for f in self.factors],
-            "site": self.site,
+            "out_splits": list(self.out_splits),
+            "members": list(self.members),
+            "index": self.index,
+            "bias": self.bias,
             "cws": None if self.cws is None else self.cws.to_dict(),
             "mac": None if self.mac is None else self.mac.to_dict(),
+            "vision_token_ids": list(self.vision_token_ids),
         }
 
     @classmethod
@@ -140,24 +162,25 @@ class LinearSpec:
                 "this version."
             )
         try:
-            sizes = tuple(int(k) for k in data["sizes"])
-            wbits = tuple(int(b) for b in data["weight_bits"])
-            abits = tuple(None if b is None else int(b) for b in data["act_bits"])
-            factors = tuple(tuple(int(n) for n in f) for f in data["factors"])
 
             def branch(d: dict | None) -> BranchSpec | None:
                 if d is None:
                     return None
-                return BranchSpec(int(d["rank"]), int(d["bits"]), str(d.get("input", "residual")))
+                ranks = tuple(int(r) for r in d["ranks"])
+                return BranchSpec(ranks, int(d["bits"]), str(d.get("input", "residual")))
 
             spec = cls(
-                sizes=sizes,
-                weight_bits=wbits,
-                act_bits=abits,
-                factors=factors,
-                site=data.get("site"),
+                sizes=tuple(int(k) for k in data["sizes"]),
+                weight_bits=tuple(int(b) for b in data["weight_bits"]),
+                act_bits=tuple(None if b is None else int(b) for b in data["act_bits"]),
+                factors=tuple(tuple(int(n) for n in f) for f in data["factors"]),
+                out_splits=tuple(int(k) for k in data["out_splits"]),
+                members=tuple(str(m) for m in data["members"]),
+                index=int(data["index"]),
+                bias=bool(data["bias"]),
                 cws=branch(data.get("cws")),
                 mac=branch(data.get("mac")),
+                vision_token_ids=tuple(int(i) for i in data.get("vision_token_ids", ())),
                 version=int(version),
             )
         except (KeyError, TypeError, ValueError) as e:
@@ -166,29 +189,36 @@ class LinearSpec:
         return spec
 
     def check(self, where: str = "") -> None:
-        """Internal consistency (lengths, bit ranges, factor sizes)."""
+        """Internal consistency (lengths, bit ranges, factor sizes, members, ranks)."""
         at = f" ({where})" if where else ""
+
+        def bad(msg: str) -> SplitQFormatError:
+            return SplitQFormatError(f"splitq-packed spec{at}: {msg}")
+
         if not (len(self.sizes) == len(self.weight_bits) == len(self.act_bits) == 3):
-            raise SplitQFormatError(f"splitq-packed spec{at}: need three paths")
+            raise bad("need three paths")
         if len(self.factors) != 3:
-            raise SplitQFormatError(f"splitq-packed spec{at}: need factors for three paths")
+            raise bad("need factors for three paths")
         for p, (k, f) in enumerate(zip(self.sizes, self.factors)):
             prod = 1
             for n in f:
                 prod *= n
-            if k < 0 or (f and prod != k):
-                raise SplitQFormatError(
-                    f"splitq-packed spec{at}: path {p} of width {k} cannot have Kronecker "
-                    f"factors {list(f)}"
-                )
+            if k < 0 or (f and prod != k) or len(f) > 3:
+                raise bad(f"path {p} of width {k} cannot have Kronecker factors {list(f)}")
         for b in [*self.weight_bits, *(a for a in self.act_bits if a is not None)]:
             if not 2 <= b <= 8:
-                raise SplitQFormatError(f"splitq-packed spec{at}: bit width {b} not in [2, 8]")
+                raise bad(f"bit width {b} not in [2, 8]")
+        if not self.out_splits or len(self.members) != len(self.out_splits):
+            raise bad(f"members {list(self.members)} do not match outputs {self.out_splits}")
+        if min(self.out_splits) < 1 or not 0 <= self.index < len(self.members):
+            raise bad(f"bad outputs {list(self.out_splits)} or index {self.index}")
         for br in (self.cws, self.mac):
-            if br is not None and (br.rank < 1 or not 2 <= br.bits <= 8):
-                raise SplitQFormatError(f"splitq-packed spec{at}: bad branch {br}")
+            if br is None:
+                continue
+            if len(br.ranks) != len(self.members) or min(br.ranks) < 1 or not 2 <= br.bits <= 8:
+                raise bad(f"bad branch {br}")
         if self.mac is not None and self.mac.input not in ("residual", "act"):
-            raise SplitQFormatError(f"splitq-packed spec{at}: bad MAC input {self.mac.input!r}")
+            raise bad(f"bad MAC input {self.mac.input!r}")
 
     # ------------------------------------------------------------------ schemes
     def scheme(self, targets: list[str]) -> QuantizationScheme:
@@ -228,22 +258,25 @@ class LinearSpec:
     def tensor_shapes(
         self, d_out: int, d_in: int, where: str = ""
     ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """Local name -> (shape, dtype) of every tensor stored for a ``d_out x d_in`` linear
-        (besides its ``bias``, which the model's own linear defines)."""
-        if sum(self.sizes) != d_in:
-            at = f" {where}" if where else ""
+        """Local name -> (shape, dtype) of every tensor stored for this ``d_out x d_in``
+        linear: the whole site's for the owner, nothing for the other members."""
+        at = f" {where}" if where else ""
+        if sum(self.sizes) != d_in or self.out_splits[self.index] != d_out:
             raise SplitQFormatError(
-                f"splitq-packed linear{at}: path widths {list(self.sizes)} sum to "
-                f"{sum(self.sizes)}, but the model's linear has {d_in} input features (the "
-                "config does not belong to this model architecture)"
+                f"splitq-packed linear{at}: the config describes a {self.out_splits[self.index]}"
+                f" x {sum(self.sizes)} linear (path widths {list(self.sizes)}), but the model's"
+                f" linear is {d_out} x {d_in} (the config does not belong to this model)"
             )
-        out = FrozenSplitQLinear.tensor_shapes(
-            self.sizes, self.weight_bits, d_out, self.factors, site_tensors=self.site is None
+        if self.index:
+            return {}
+        out = SplitQSiteLinear.tensor_shapes(
+            self.sizes, self.factors, self.out_splits, self.weight_bits, self.bias
         )
+        big_d = sum(self.out_splits)
         for name, br in (("cws", self.cws), ("mac", self.mac)):
             if br is not None:
-                for k, v in br.tensor_shapes(self.sizes[2], d_out).items():
-                    out[f"{name}.{k}"] = v
+                shapes = SiteBranch.tensor_shapes(br.ranks, self.sizes[2], big_d, br.bits)
+                out.update({f"{name}.{k}": v for k, v in shapes.items()})
         return out
 
 

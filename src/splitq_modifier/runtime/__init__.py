@@ -1,37 +1,73 @@
-"""SplitQ runtime: the ``splitq::linear`` torch op, its torch reference and packing helpers."""
+"""SplitQ runtime: everything a serving process needs to run a saved SplitQ model.
 
+``import splitq_modifier.runtime`` registers the ``splitq::site_linear`` torch op and, with
+:mod:`splitq_modifier.format`, is all that loading a ``splitq-packed`` checkpoint needs:
+llm-compressor and the calibration code are not imported (``import splitq_modifier`` imports
+them too, and registers the modifier).
+"""
+
+from splitq_modifier.runtime.modules import (
+    ModalityContext,
+    SiteBranch,
+    SplitQSiteLinear,
+    attach_modality_context,
+    site_members,
+)
 from splitq_modifier.runtime.ops import (
+    SiteBranchParams,
+    SiteParams,
+    build_site_params,
+    random_site_params,
+    site_linear,
+    site_linear_op,
+    triton_enabled,
+)
+from splitq_modifier.runtime.quant import (
     EPS,
-    SplitQBranch,
-    SplitQLinearParams,
-    build_splitq_params,
+    apply_kron,
+    imatmul,
     pack_path_weight,
     packed_words,
     qmax_of,
     quantize_per_token,
     quantize_weight_per_channel,
-    random_splitq_params,
-    splitq_linear,
-    splitq_linear_op,
-    splitq_linear_reference,
-    splitq_quantize_activations_reference,
     unpack_path_weight,
+)
+from splitq_modifier.runtime.reference import (
+    flatten_factor_dims,
+    site_gemm_reference,
+    site_linear_reference,
+    site_quantize_reference,
+    site_transform_reference,
+    split_factors,
 )
 
 __all__ = [
     "EPS",
-    "SplitQBranch",
-    "SplitQLinearParams",
-    "build_splitq_params",
+    "ModalityContext",
+    "SiteBranch",
+    "SiteBranchParams",
+    "SiteParams",
+    "SplitQSiteLinear",
+    "apply_kron",
+    "attach_modality_context",
+    "build_site_params",
+    "flatten_factor_dims",
+    "imatmul",
     "pack_path_weight",
     "packed_words",
     "qmax_of",
     "quantize_per_token",
     "quantize_weight_per_channel",
-    "random_splitq_params",
-    "splitq_linear",
-    "splitq_linear_op",
-    "splitq_linear_reference",
-    "splitq_quantize_activations_reference",
+    "random_site_params",
+    "site_gemm_reference",
+    "site_linear",
+    "site_linear_op",
+    "site_linear_reference",
+    "site_members",
+    "site_quantize_reference",
+    "site_transform_reference",
+    "split_factors",
+    "triton_enabled",
     "unpack_path_weight",
 ]
