@@ -1,23 +1,19 @@
-"""Storage of SplitQ decoder linears in the ``splitq-packed`` format vs their fp16 size.
+"""Stored size of SplitQ decoder layers in the ``splitq-packed`` format, at real widths.
 
-    python benchmarks/size_report.py                    # 7B-width layer + a tiny checkpoint
-    python benchmarks/size_report.py --bits W3A3 --no-tiny
-    python benchmarks/size_report.py --checkpoint DIR   # any saved splitq-packed model
+    python benchmarks/size_report.py                   # every model of the width table, W4A4
+    python benchmarks/size_report.py --bits W3A3 --model Qwen2.5-VL-7B
+    python benchmarks/size_report.py --checkpoint DIR  # a saved model: spec sizes vs the file
 
-1. A realistic layer (Qwen2.5-VL-7B widths: hidden 3584, intermediate 18944, 28 heads, 4 KV
-   heads of 128) is built directly as :class:`FrozenSplitQLinear` modules (random integer
-   codes, no calibration) with SplitQ's default layout: ``k_v = k_t = ceil(2% d)`` outlier
-   channels per site at ``max(b, 4)`` bits, Kronecker factors as :mod:`splitq_modifier.transforms`
-   makes them, CWS rank ``ceil(2% min(d_out, k_m))`` and MAC rank ``ceil(3% ...)`` at 4 bits.
-   The site tensors are linked as they are at save time (stored once per site).
-2. A tiny calibrated model (LLaVA, hidden 64, one layer, 1 epoch) is saved and reloaded, or
-   an existing checkpoint is loaded with ``--checkpoint``.
-
-Bytes are those of the tensors the format stores per linear (``state_dict()`` of each
-:class:`FrozenSplitQLinear`, which is exactly what ``save_pretrained`` writes; for a reloaded
-checkpoint they are checked against the safetensors file). Effective bits per weight =
-8 * stored bytes (bias excluded) / (d_in * d_out); the fp16 size counts 2 bytes per weight and
-per bias element.
+1. For each model of :data:`splitq_modifier.widths.REAL_MODELS` one decoder layer is laid out
+   as SplitQ lays it out (:func:`splitq_modifier.layout.plan_site`: aligned 2% + 2% outlier
+   paths at ``max(b, 4)`` bits, balanced Kronecker factors; CWS rank ``ceil(2% min(d_out,
+   k_m))`` and MAC rank ``ceil(3% ...)`` per linear at 4 bits) and its stored tensors are
+   counted from the format's own spec (:meth:`LinearSpec.tensor_shapes`, exactly what
+   ``save_pretrained`` writes): packed codes, scales, permutation, smoothing, factors,
+   activation clips, branches, biases (Qwen's q/k/v), plus the layer's two RMSNorm weights
+   at 2 bytes. Effective bits per weight = 8 * stored bytes / linear weights.
+2. ``--checkpoint DIR``: the same count from a saved model's config, checked against the
+   bytes of those tensors in its safetensors files.
 """
 
 from __future__ import annotations
@@ -25,266 +21,150 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import tempfile
 
-import torch
-from torch import nn
+from splitq_modifier.acc import branch_rank
+from splitq_modifier.format.spec import BranchSpec, LinearSpec
+from splitq_modifier.layout import plan_site
+from splitq_modifier.widths import REAL_MODELS, ModelWidths, site_widths
 
-from splitq_modifier.acc import FrozenLowRankBranch, branch_rank
-from splitq_modifier.split_linear import FrozenSplitQLinear
-from splitq_modifier.transforms import DENSE_MAX, balanced_factors
-
-HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM = 3584, 18944, 28, 4, 128
-CATEGORIES = ("weights", "scales", "perm", "transforms", "cws", "mac", "bias")
-
-
-def factor_dims(n: int) -> list[int]:
-    """Kronecker factor sizes of a path of width ``n`` (as ``PathTransform`` makes them)."""
-    if n == 0:
-        return []
-    if n <= DENSE_MAX:
-        return [n]
-    a, b = balanced_factors(n)
-    return [n] if a == 1 else [a, b]
-
-
-def _codes(gen: torch.Generator, rows: int, cols: int, bits: int) -> torch.Tensor:
-    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1)
-    return torch.randint(lo, hi, (rows, cols), generator=gen, dtype=torch.int8)
-
-
-def _branch(gen, d_out: int, km: int, ratio: float, bits: int = 4) -> FrozenLowRankBranch:
-    r = branch_rank(ratio, d_out, km)
-    return FrozenLowRankBranch(
-        _codes(gen, r, km, bits),
-        torch.rand(r),
-        _codes(gen, d_out, r, bits),
-        torch.rand(d_out),
-        bits,
-    )
-
-
-def synthetic_linear(
-    d_in: int,
-    d_out: int,
-    wbits: int,
-    abits: int,
-    bias: bool,
-    outlier_ratio: float = 0.02,
-    cws_ratio: float = 0.02,
-    mac_ratio: float = 0.03,
-    floor: int = 4,
-    seed: int = 0,
-) -> FrozenSplitQLinear:
-    """A :class:`FrozenSplitQLinear` with SplitQ's default layout and random codes."""
-    gen = torch.Generator().manual_seed(seed)
-    k = math.ceil(outlier_ratio * d_in)
-    sizes = (k, k, d_in - 2 * k)
-    wb = (max(wbits, floor), max(wbits, floor), wbits)
-    ab = (max(abits, floor), max(abits, floor), abits)
-    transforms = [
-        (
-            torch.rand(n, generator=gen) + 0.5,
-            [torch.randn(m, m, generator=gen) for m in factor_dims(n)],
-        )
-        for n in sizes
-    ]
-    return FrozenSplitQLinear(
-        perm=torch.randperm(d_in, generator=gen),
-        sizes=sizes,
-        transforms=transforms,
-        act_bits=ab,
-        act_clip=torch.full((3,), 0.98),
-        weight_bits=wb,
-        weight_int=[_codes(gen, d_out, n, b) for n, b in zip(sizes, wb)],
-        weight_scale=[torch.rand(d_out) for _ in sizes],
-        bias=torch.zeros(d_out, dtype=torch.bfloat16) if bias else None,
-        cws=_branch(gen, d_out, sizes[2], cws_ratio) if cws_ratio > 0 else None,
-        mac=_branch(gen, d_out, sizes[2], mac_ratio) if mac_ratio > 0 else None,
-    )
-
-
-def _copy_site(src: FrozenSplitQLinear, dst: FrozenSplitQLinear) -> None:
-    """Give ``dst`` copies of ``src``'s site tensors (as the modifier's freeze does)."""
-    for t in src.site_tensor_names():
-        dst.register_buffer(t, getattr(src, t).clone())
-
-
-class _Layer(nn.Module):
-    """A decoder layer's SplitQ linears, grouped as in the model (self_attn, mlp)."""
-
-    def __init__(self, wbits: int, abits: int, cws: float, mac: float):
-        super().__init__()
-        kw = dict(wbits=wbits, abits=abits, cws_ratio=cws, mac_ratio=mac)
-        kv = KV_HEADS * HEAD_DIM
-        self.self_attn = nn.Module()
-        self.mlp = nn.Module()
-        self.self_attn.q_proj = synthetic_linear(HIDDEN, HIDDEN, bias=True, seed=0, **kw)
-        for i, name in enumerate(("k_proj", "v_proj")):  # same site as q_proj
-            lin = synthetic_linear(HIDDEN, kv, bias=True, seed=10 + i, **kw)
-            _copy_site(self.self_attn.q_proj, lin)
-            setattr(self.self_attn, name, lin)
-        self.self_attn.o_proj = synthetic_linear(HIDDEN, HIDDEN, bias=False, seed=1, **kw)
-        self.mlp.gate_proj = synthetic_linear(HIDDEN, INTERMEDIATE, bias=False, seed=2, **kw)
-        self.mlp.up_proj = synthetic_linear(HIDDEN, INTERMEDIATE, bias=False, seed=3, **kw)
-        _copy_site(self.mlp.gate_proj, self.mlp.up_proj)  # same site as gate_proj
-        self.mlp.down_proj = synthetic_linear(INTERMEDIATE, HIDDEN, bias=False, seed=4, **kw)
+CATEGORIES = ("codes", "scales", "transforms", "cws", "mac", "bias")
+_BYTES = {"torch.int32": 4, "torch.float32": 4}
 
 
 def categorize(name: str) -> str:
-    """Category of a stored tensor of a SplitQ linear."""
-    if name.startswith("cws."):
-        return "cws"
-    if name.startswith("mac."):
-        return "mac"
+    """Category of a stored tensor of a SplitQ site."""
+    if name.startswith(("cws.", "mac.")):
+        return name[:3]
     if name.startswith("weight_packed"):
-        return "weights"
+        return "codes"
     if name.startswith("weight_scale"):
         return "scales"
-    if name == "perm":
-        return "perm"
-    if name == "bias":
+    if name == "site_bias":
         return "bias"
-    return "transforms"  # smooth_*, factor_*, act_clip
+    return "transforms"  # perm, smooth, factors, act_clip
 
 
-def linear_bytes(m: FrozenSplitQLinear) -> dict[str, int]:
-    """Stored bytes per category of one linear (its ``state_dict``, as saved)."""
+def site_spec(
+    d: int,
+    outs: tuple[int, ...],
+    wbits: int,
+    abits: int,
+    cws: float,
+    mac: float,
+    bias: bool,
+    floor: int = 4,
+) -> LinearSpec:
+    """The owner's spec of a site laid out with SplitQ's defaults."""
+    plan = plan_site(d, outs, 0.02, 0.02)
+    aux = max(wbits, floor)
+    ranks = lambda ratio: tuple(branch_rank(ratio, o, plan.sizes[2]) for o in outs)  # noqa: E731
+    return LinearSpec(
+        sizes=plan.sizes,
+        weight_bits=(aux, aux, wbits),
+        act_bits=(max(abits, floor), max(abits, floor), abits),
+        factors=plan.dims,
+        out_splits=tuple(outs),
+        members=tuple(f"linear_{j}" for j in range(len(outs))),
+        bias=bias,
+        cws=BranchSpec(ranks(cws), 4) if cws > 0 else None,
+        mac=BranchSpec(ranks(mac), 4) if mac > 0 else None,
+    )
+
+
+def spec_bytes(spec: LinearSpec) -> dict[str, int]:
+    """Stored bytes per category of a site (its owner's tensors)."""
     out = dict.fromkeys(CATEGORIES, 0)
-    for name, t in m.state_dict().items():
-        out[categorize(name)] += t.numel() * t.element_size()
+    shapes = spec.tensor_shapes(spec.out_splits[0], sum(spec.sizes))
+    for name, (shape, dtype) in shapes.items():
+        out[categorize(name)] += math.prod(shape) * _BYTES[str(dtype)]
     return out
 
 
-def report(title: str, model: nn.Module, prefix_filter: str = "") -> tuple[float, int, int]:
-    """Print one table; return (bits per weight, stored bytes, fp16 bytes)."""
-    rows = []
-    for name, m in model.named_modules():
-        if isinstance(m, FrozenSplitQLinear) and prefix_filter in name:
-            rows.append((name, m, linear_bytes(m)))
-    print(f"\n{title}")
-    head = f"{'linear':<28}{'d_in x d_out':>14}"
-    head += "".join(f"{c:>11}" for c in CATEGORIES) + f"{'total':>12}{'fp16':>12}{'bits/w':>8}"
-    print(head)
-    print("-" * len(head))
-    tot_bytes = tot_nobias = tot_fp16 = tot_w = 0
-    for name, m, b in rows:
-        n_w = m.in_features * m.out_features
-        n_b = 0 if m.bias is None else m.bias.numel()
-        stored = sum(b.values())
-        fp16 = 2 * (n_w + n_b)
-        bits = 8 * (stored - b["bias"]) / n_w
-        tot_bytes += stored
-        tot_nobias += stored - b["bias"]
-        tot_fp16 += fp16
-        tot_w += n_w
-        short = ".".join(name.split(".")[-2:])
-        dims = f"{m.in_features}x{m.out_features}"
-        line = f"{short:<28}{dims:>14}" + "".join(f"{b[c]:>11,}" for c in CATEGORIES)
-        print(line + f"{stored:>12,}{fp16:>12,}{bits:>8.3f}")
-    bits = 8 * tot_nobias / tot_w
-    print("-" * len(head))
-    print(
-        f"{'all':<28}{'':>14}{'':>{11 * len(CATEGORIES)}}{tot_bytes:>12,}{tot_fp16:>12,}"
-        f"{bits:>8.3f}"
-    )
-    ratio = tot_fp16 / tot_bytes
-    rel = f"{ratio:.2f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x larger"
-    print(
-        f"stored / fp16 = {tot_bytes / tot_fp16:.4f} ({rel}), "
-        f"effective bits per weight = {bits:.3f}"
-    )
-    return bits, tot_bytes, tot_fp16
-
-
-def realistic(bits: str, cws: float, mac: float) -> float:
-    """The 7B-width layer report; returns its effective bits per weight."""
-    from splitq_modifier.format import prepare_model_for_save
-
+def layer_report(m: ModelWidths, bits: str, cws: float, mac: float, verbose: bool) -> float:
+    """Effective bits per weight of one decoder layer of ``m`` (printed per site if verbose)."""
     wb, ab = (int(x) for x in bits[1:].split("A"))
-    layer = _Layer(wb, ab, cws, mac)
-    prepare_model_for_save(layer)  # link the sites exactly as save_pretrained does
-    title = (
-        f"Qwen2.5-VL-7B-width decoder layer, {bits}, outliers 2%+2%, CWS {cws:.0%}, "
-        f"MAC {mac:.0%} (synthetic codes)"
-    )
-    return report(title, layer)[0]
+    bias = m.model_type.startswith("qwen2")  # Qwen2/2.5 (and InternVL3's Qwen2.5) q/k/v bias
+    total = dict.fromkeys(CATEGORIES, 0)
+    weights = 0
+    for site, (d, outs) in site_widths(m).items():
+        spec = site_spec(d, outs, wb, ab, cws, mac, bias and site == "attn_in")
+        b = spec_bytes(spec)
+        n_w = d * sum(outs)
+        weights += n_w
+        for k, v in b.items():
+            total[k] += v
+        if verbose:
+            cells = "".join(f"{b[c]:>12,}" for c in CATEGORIES)
+            print(f"  {site:<9}{d:>7} x {sum(outs):<7}{spec.sizes!s:>22}{cells}"
+                  f"{8 * sum(b.values()) / n_w:>9.3f}")  # fmt: skip
+    norms = 2 * 2 * m.hidden  # input and post-attention RMSNorm weights, 2 bytes each
+    stored = sum(total.values()) + norms
+    return 8 * stored / weights
 
 
-def _file_bytes(path: str, keys: set[str]) -> int:
-    """Bytes of the tensors ``keys`` in the safetensors files of ``path``."""
+def checkpoint_report(path: str) -> tuple[int, int]:
+    """Spec-derived bytes of a saved model's SplitQ tensors vs their bytes in its files;
+    returns both."""
     from safetensors import safe_open
+    from transformers import AutoModelForImageTextToText
 
+    import splitq_modifier  # noqa: F401  (registers the format)
+    from splitq_modifier.format.load import key_maps
+    from splitq_modifier.runtime import SplitQSiteLinear
+
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    to_checkpoint = key_maps(model)[1]
+    want, keys, weights = 0, set(), 0
+    for name, m in model.named_modules():
+        if isinstance(m, SplitQSiteLinear):
+            weights += m.in_features * m.out_features
+            if m.is_owner:
+                want += sum(spec_bytes(LinearSpec.from_scheme(m.quantization_scheme)).values())
+                keys |= {to_checkpoint(f"{name}.{k}") for k in m.state_dict()}
     size = {"I32": 4, "F32": 4, "BF16": 2, "F16": 2, "I64": 8}
-    total = 0
+    got = 0
     for fname in sorted(os.listdir(path)):
         if fname.endswith(".safetensors"):
             with safe_open(os.path.join(path, fname), framework="pt") as f:
                 for key in set(f.keys()) & keys:
                     t = f.get_slice(key)
-                    total += math.prod(t.get_shape()) * size[t.get_dtype()]
-    return total
+                    got += math.prod(t.get_shape()) * size[t.get_dtype()]
+    print(f"{path}: SplitQ tensors {want:,} bytes by the spec, {got:,} bytes in the files; "
+          f"{8 * got / max(weights, 1):.3f} bits per linear weight")  # fmt: skip
+    return want, got
 
 
-def tiny_checkpoint(path: str | None) -> None:
-    """Report a saved checkpoint (built from a tiny calibrated LLaVA when ``path`` is None)."""
-    from transformers import AutoModelForImageTextToText
-
-    if path is None:
-        from llmcompressor import oneshot
-
-        from splitq_modifier import SplitQModifier
-        from splitq_modifier.tiny import (
-            build_tiny_vlm,
-            calibration_dataset,
-            collate,
-            synthetic_samples,
-        )
-
-        tmp = tempfile.mkdtemp(prefix="splitq_size_")
-        tiny = build_tiny_vlm("llava", hidden=64, layers=1, path=os.path.join(tmp, "fp"))
-        oneshot(
-            model=tiny.model,
-            dataset=calibration_dataset(synthetic_samples(tiny, 2)),
-            data_collator=collate,
-            recipe=[SplitQModifier(epochs=1, weight_bits=4, activation_bits=4, batch_size=2)],
-            num_calibration_samples=2,
-            processor=tiny.tokenizer,
-        )
-        path = os.path.join(tmp, "w4a4")
-        tiny.model.save_pretrained(path, save_compressed=True)
-    model = AutoModelForImageTextToText.from_pretrained(path)
-    _, stored, _ = report(f"checkpoint {path} (reloaded)", model)
-    # the same linears' tensors in the file (keys renamed as transformers saves them)
-    from splitq_modifier.format.load import key_maps
-
-    to_checkpoint = key_maps(model)[1]
-    keys = {
-        to_checkpoint(f"{n}.{k}")
-        for n, m in model.named_modules()
-        if isinstance(m, FrozenSplitQLinear)
-        for k in m.state_dict()
-    }
-    in_file = _file_bytes(path, keys)
-    print(f"bytes of these linears in the safetensors file: {in_file:,} (modules: {stored:,})")
-
-
-def main() -> None:
-    """Command line entry point."""
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Command line entry point; returns model -> bits per weight."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bits", default="W4A4", help="WxAy of the main path (default W4A4)")
+    ap.add_argument("--model", action="append", help="model name(s) of the width table")
     ap.add_argument("--cws-rank-ratio", type=float, default=0.02)
     ap.add_argument("--mac-rank-ratio", type=float, default=0.03)
     ap.add_argument("--checkpoint", default=None, help="a saved splitq-packed model folder")
-    ap.add_argument("--no-tiny", action="store_true", help="skip the tiny checkpoint")
-    args = ap.parse_args()
-    import splitq_modifier  # noqa: F401  (registers the format)
-
-    torch.set_grad_enabled(False)
-    bits = realistic(args.bits, args.cws_rank_ratio, args.mac_rank_ratio)
-    if not args.no_tiny or args.checkpoint:
-        tiny_checkpoint(args.checkpoint)
-    print(f"\n7B-width layer at {args.bits}: {bits:.3f} effective bits per weight (target <= 4.7)")
+    ap.add_argument("--verbose", action="store_true", help="per-site byte breakdown")
+    args = ap.parse_args(argv)
+    if args.checkpoint:
+        checkpoint_report(args.checkpoint)
+        return {}
+    names = args.model or list(REAL_MODELS)
+    print(f"SplitQ {args.bits}, outliers 2%+2% (aligned), CWS {args.cws_rank_ratio:.0%}, "
+          f"MAC {args.mac_rank_ratio:.0%}: effective bits per weight of one decoder layer, "
+          "everything stored counted\n")  # fmt: skip
+    print(f"{'model':<24}{'hidden':>7}{'inter':>7}{'bits/w':>8}{'vs fp16':>9}")
+    out = {}
+    for name in names:
+        m = REAL_MODELS[name]
+        if args.verbose:
+            print(f"{name}:")
+            head = "".join(f"{c:>12}" for c in CATEGORIES)
+            print(f"  {'site':<9}{'d_in x d_out':>15}{'paths v/t/m':>22}{head}{'bits/w':>9}")
+        bpw = layer_report(m, args.bits, args.cws_rank_ratio, args.mac_rank_ratio, args.verbose)
+        out[name] = bpw
+        print(f"{name:<24}{m.hidden:>7}{m.intermediate:>7}{bpw:>8.3f}{16 / bpw:>8.2f}x")
+    worst = max(v for k, v in out.items() if REAL_MODELS[k].hidden >= 1024)
+    print(f"\nlargest at hidden >= 1024: {worst:.3f} bits per weight")
+    return out
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _dense import dense_site_forward
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import QuantizationModifier
 from safetensors.torch import load_file, save_file
@@ -30,7 +31,7 @@ from transformers import AutoModelForImageTextToText
 
 import splitq_modifier  # noqa: F401  (registers the format)
 from splitq_modifier import SplitQModifier
-from splitq_modifier.acc import LowRankBranch, QuantBranch
+from splitq_modifier.acc import QuantBranch
 from splitq_modifier.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -38,13 +39,8 @@ from splitq_modifier.format import (
     SplitQFormatError,
     SplitQPackedCompressor,
 )
-from splitq_modifier.split_linear import (
-    ChannelSplit,
-    FrozenSplitQLinear,
-    ModalityContext,
-    SplitQLinear,
-    SplitSite,
-)
+from splitq_modifier.runtime import ModalityContext, SplitQSiteLinear
+from splitq_modifier.split_linear import ChannelSplit, SplitQLinear, SplitSite, freeze_site
 from splitq_modifier.tiny import build_tiny_vlm, calibration_dataset, collate, synthetic_samples
 
 #: name -> (arch, weight bits, activation bits, CWS/MAC on, lm_head scheme or None)
@@ -127,7 +123,7 @@ _RELOAD = textwrap.dedent(
     res["imported_before"] = "splitq_modifier" in sys.modules
 
     import splitq_modifier
-    from splitq_modifier.split_linear import FrozenSplitQLinear
+    from splitq_modifier.runtime import SplitQSiteLinear
 
     for d in dirs:
         model = AutoModelForImageTextToText.from_pretrained(d)
@@ -135,17 +131,20 @@ _RELOAD = textwrap.dedent(
         with torch.no_grad():
             logits = model(**exp["sample"]).logits
         torch.save(logits, d + "/reloaded_logits.pt")
-        sq = {n: m for n, m in model.named_modules() if isinstance(m, FrozenSplitQLinear)}
+        sq = {n: m for n, m in model.named_modules() if isinstance(m, SplitQSiteLinear)}
         attn = next(
             m for n, m in model.named_modules() if n.endswith("language_model.layers.0.self_attn")
         )
+        owners = [m for m in sq.values() if m.is_owner]
         res[d] = {
             "splitq_linears": len(sq),
+            "owners": len(owners),
             "dense_weight": [n for n, m in sq.items() if "weight" in m._parameters],
             "params_in_splitq": sum(len(list(m.parameters())) for m in sq.values()),
-            "site_shared": attn.k_proj.perm is attn.q_proj.perm,
+            "site_shared": attn.k_proj.owner is attn.q_proj and attn.v_proj.owner is attn.q_proj,
+            "member_buffers": len(list(attn.k_proj.buffers())),
             "context_hook": hasattr(model, "_splitq_context_hook"),
-            "all_share_context": all(m.context is model.splitq_context for m in sq.values()),
+            "all_share_context": all(m.context is model.splitq_context for m in owners),
             "decompress_hook": hasattr(model, "ct_decompress_hook"),
             "lm_head": [type(model.lm_head).__name__, "weight" in model.lm_head._parameters],
         }
@@ -191,9 +190,9 @@ def test_reloaded_model_runs_from_packed_tensors(case, saved, reloaded):
     path, model, _, _ = saved[case]
     info = reloaded[str(path)]
     n_layers = model.config.get_text_config().num_hidden_layers
-    assert info["splitq_linears"] == 7 * n_layers
+    assert info["splitq_linears"] == 7 * n_layers and info["owners"] == 4 * n_layers
     assert info["dense_weight"] == [] and info["params_in_splitq"] == 0
-    assert info["site_shared"]  # k_proj aliases q_proj's site tensors
+    assert info["site_shared"] and info["member_buffers"] == 0  # q_proj stores the site
     assert info["context_hook"] and info["all_share_context"]
     assert not info["decompress_hook"]
     if CASES[case][4]:  # the lm_head of the other modifier is decompressed as usual
@@ -232,20 +231,16 @@ def test_saved_tensors_are_derivable_from_the_scheme(saved):
     for case in ("llava-w3a2", "qwen-w3a2-no_branches"):
         path, model, _, _ = saved[case]
         for name, m in model.named_modules():
-            if not isinstance(m, FrozenSplitQLinear):
+            if not isinstance(m, SplitQSiteLinear):
                 continue
             spec = LinearSpec.from_scheme(m.quantization_scheme)
-            want = {
-                k: (shape, dtype)
-                for k, (shape, dtype) in spec.tensor_shapes(m.out_features, m.in_features).items()
-            }
-            if m.bias is not None:
-                want["bias"] = (tuple(m.bias.shape), m.bias.dtype)
+            want = spec.tensor_shapes(m.out_features, m.in_features)
             got = {k: (tuple(v.shape), v.dtype) for k, v in m.state_dict().items()}
             assert got == want, name
             assert (spec.site is None) == name.endswith(
                 ("q_proj", "o_proj", "gate_proj", "down_proj")
             )
+            assert m.is_owner == (spec.site is None) and (m.is_owner or not got)
 
 
 def test_recipe_reparses(saved):
@@ -277,7 +272,7 @@ def test_other_formats_are_refused(saved, tmp_path):
         model.save_pretrained(str(tmp_path / "dense"), save_compressed=False)
     with pytest.raises(SplitQFormatError, match="dense weight cannot be compressed"):
         scheme = next(
-            m.quantization_scheme for m in model.modules() if isinstance(m, FrozenSplitQLinear)
+            m.quantization_scheme for m in model.modules() if isinstance(m, SplitQSiteLinear)
         )
         SplitQPackedCompressor.compress({"weight": torch.zeros(64, 64)}, scheme)
 
@@ -306,7 +301,7 @@ def _key(tensors: dict, suffix: str) -> str:
     "suffix",
     [
         "layers.0.self_attn.q_proj.perm",  # a site tensor (stored on the site's first linear)
-        "layers.0.mlp.up_proj.mac.up_packed",  # a branch factor
+        "layers.0.mlp.gate_proj.mac.up_packed",  # a branch factor (of gate and up)
     ],
 )
 def test_missing_tensor_fails_naming_it(saved, tmp_path, suffix):
@@ -318,7 +313,7 @@ def test_missing_tensor_fails_naming_it(saved, tmp_path, suffix):
 
 
 def test_misshaped_tensor_fails_naming_it(saved, tmp_path):
-    suffix = "layers.0.self_attn.k_proj.weight_packed_2"
+    suffix = "layers.0.self_attn.q_proj.weight_packed_2"  # q, k, v rows: 64 + 32 + 32
     bad = _copy(saved, tmp_path)
 
     def cut(t: dict) -> None:
@@ -327,7 +322,7 @@ def test_misshaped_tensor_fails_naming_it(saved, tmp_path):
 
     _edit_tensors(bad, cut)
     with pytest.raises(
-        SplitQFormatError, match=rf"{suffix}' .*is I32 \(32, 7\).*requires I32 \(32, 8\)"
+        SplitQFormatError, match=rf"{suffix}' .*is I32 \(128, 7\).*requires I32 \(128, 8\)"
     ):
         AutoModelForImageTextToText.from_pretrained(str(bad))
 
@@ -346,32 +341,35 @@ def test_unknown_format_version_fails(saved, tmp_path):
 
 
 # -------------------------------------------------------------------------- runtime op
-def _assert_op_matches_dense(m: FrozenSplitQLinear, x: torch.Tensor) -> None:
+def _assert_op_matches_dense(owner: SplitQSiteLinear, x: torch.Tensor, mask) -> None:
     with torch.no_grad():
-        got, ref = m(x), m.dense_forward(x)
+        got = owner.site_forward(x)
+        ref = dense_site_forward(owner, x, mask)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
 
 def test_op_forward_matches_dense_reference_after_oneshot(saved):
-    """Every calibrated linear: splitq::linear on packed weights == dense fake-quant forward."""
+    """Every calibrated site: splitq::site_linear on packed weights == dense fake-quant."""
     g = torch.Generator().manual_seed(0)
     for case in ("llava-w4a8-lmhead_w8a8", "llava-w3a2", "qwen-w3a2-no_branches"):
         model = saved[case][1]
         for m in model.modules():
-            if isinstance(m, FrozenSplitQLinear):
+            if isinstance(m, SplitQSiteLinear) and m.is_owner:
                 x = torch.randn(2, 7, m.in_features, generator=g) * 3
-                m.context.text_mask = torch.rand(2, 7, generator=g) > 0.4
-                _assert_op_matches_dense(m, x)
+                mask = torch.rand(2, 7, generator=g) > 0.4
+                m.context.text_mask = mask
+                _assert_op_matches_dense(m, x, mask)
                 m.context.text_mask = None
 
 
 @pytest.mark.parametrize("mac_input", ["residual", "act"])
 @pytest.mark.parametrize("split", ["mocd", "none"])
 def test_op_forward_matches_dense_reference_unit(mac_input, split):
-    """Freeze a (perturbed) calibration linear directly: empty paths, both MAC inputs."""
+    """Freeze (perturbed) calibration linears of one site directly: empty paths, both MAC
+    inputs, two linears of different widths, one with a bias."""
     torch.manual_seed(0)
-    d, d_out = 96, 40
-    lin = torch.nn.Linear(d, d_out)
+    d = 96
+    lins = [torch.nn.Linear(d, 40), torch.nn.Linear(d, 24, bias=False)]
     cs = (
         ChannelSplit.none(d)
         if split == "none"
@@ -383,17 +381,22 @@ def test_op_forward_matches_dense_reference_unit(mac_input, split):
     )
     ctx = ModalityContext()
     site = SplitSite(cs, (4, 4, 3), smooth=torch.rand(d) + 0.5)
-    q = SplitQLinear(lin, site, (4, 4, 3), QuantBranch(0.1), QuantBranch(0.1, input=mac_input), ctx)
+    qs = [
+        SplitQLinear(lin, site, (4, 4, 3), QuantBranch(0.1), QuantBranch(0.1, input=mac_input), ctx)
+        for lin in lins
+    ]
     with torch.no_grad():
-        for p in q.parameters():
+        for p in [*site.parameters(), *(p for q in qs for p in q.parameters())]:
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
-    frozen = q.freeze()
-    assert isinstance(frozen.cws, type(frozen.mac)) and not isinstance(frozen.cws, LowRankBranch)
+    owner, member = freeze_site(site, qs, ["a", "b"], ctx)
+    assert member.owner is owner and not list(member.buffers())
     x = torch.randn(3, 5, d) * 2
-    ctx.text_mask = torch.rand(3, 5) > 0.5
-    _assert_op_matches_dense(frozen, x)
-    with torch.no_grad():  # and the calibration-time forward, as before
-        torch.testing.assert_close(frozen(x), q(x), rtol=1e-4, atol=1e-4)
-    assert frozen.weight_packed_2.dtype == torch.int32
-    assert frozen.weight_int(2).shape == (d_out, cs.sizes[2])
+    mask = torch.rand(3, 5) > 0.5
+    ctx.text_mask = mask
+    _assert_op_matches_dense(owner, x, mask)
+    with torch.no_grad():  # the members' outputs equal the calibration-time forward
+        for q, m in ((qs[0], owner), (qs[1], member)):
+            torch.testing.assert_close(m(x), q(x), rtol=1e-4, atol=1e-4)
+    assert owner.weight_packed_2.dtype == torch.int32
+    assert member.weight_int(2).shape == (24, cs.sizes[2])

@@ -86,3 +86,10 @@ def test_factorizations_and_fixed_sizes():
     assert kron_dims(1966, balanced_only=False) == (2, 983)
     plan = plan_for_sizes((0, 0, 4096), (4096,))
     assert plan.dims == ((), (), (64, 64))
+
+
+@pytest.mark.parametrize("name", [n for n, m in REAL_MODELS.items() if m.hidden >= 1024])
+def test_checkpoint_size_at_real_widths(name):
+    from benchmarks.size_report import layer_report
+
+    assert layer_report(REAL_MODELS[name], "W4A4", 0.02, 0.03, verbose=False) <= 4.5

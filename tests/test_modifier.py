@@ -9,7 +9,7 @@ from pydantic import ValidationError
 import splitq_modifier  # noqa: F401  (registers the modifier)
 from splitq_modifier import SplitQModifier
 from splitq_modifier.mocd import jaccard
-from splitq_modifier.split_linear import FrozenSplitQLinear
+from splitq_modifier.runtime import SplitQSiteLinear
 from splitq_modifier.tiny import (
     build_tiny_vlm,
     calibration_dataset,
@@ -74,10 +74,10 @@ def test_yaml_recipe_runs_through_oneshot(arch, tmp_path):
     recipe_file.write_text(W4A4_YAML)
     _oneshot(tiny, str(recipe_file))
     layers = tiny.model.model.language_model.layers
-    frozen = [m for m in layers.modules() if isinstance(m, FrozenSplitQLinear)]
+    frozen = [m for m in layers.modules() if isinstance(m, SplitQSiteLinear)]
     assert len(frozen) == 2 * 7  # q k v o gate up down in each layer
     # the vision tower and lm_head stay in full precision
-    assert not any(isinstance(m, FrozenSplitQLinear) for m in tiny.model.lm_head.modules())
+    assert not any(isinstance(m, SplitQSiteLinear) for m in tiny.model.lm_head.modules())
     ev = synthetic_samples(tiny, 2, seed=99)
     with torch.no_grad():
         logits = tiny.model(**ev[0]).logits
@@ -105,7 +105,7 @@ def test_combined_recipe_with_builtin_modifier(tmp_path):
     ]
     _oneshot(tiny, recipe, n=4)
     assert hasattr(tiny.model.lm_head, "quantization_scheme")
-    assert isinstance(tiny.model.model.language_model.layers[0].mlp.down_proj, FrozenSplitQLinear)
+    assert isinstance(tiny.model.model.language_model.layers[0].mlp.down_proj, SplitQSiteLinear)
 
 
 def test_no_targets_is_a_clear_error(tmp_path):

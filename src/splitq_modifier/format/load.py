@@ -285,6 +285,30 @@ def convert_loaded_model(model: nn.Module, context: ModalityContext | None = Non
     return len(todo)
 
 
+def drop_trivial_offload(model: nn.Module) -> int:
+    """Remove compressed-tensors' offloading wrappers that move nothing.
+
+    Loading dispatches every module with an offload cache, even when its tensors are kept
+    where they run (onload device = offload device, e.g. everything on one GPU or on CPU).
+    Such a cache still routes every tensor access through a ``.to()`` call, about a dozen per
+    SplitQ site per forward, pure overhead at decode time. Modules really offloaded (to CPU
+    or disk while running on a GPU) keep their wrappers. Returns the number unwrapped.
+    """
+    from compressed_tensors.offload.cache.base import OffloadCache
+    from compressed_tensors.offload.module import remove_module_offload
+
+    done = 0
+    for module in model.modules():
+        cache = module._parameters
+        if not isinstance(cache, OffloadCache):
+            continue
+        on, off = getattr(cache, "onload_device", None), getattr(cache, "offload_device", None)
+        if off is not None and str(off) != "disk" and torch.device(on) == torch.device(off):
+            remove_module_offload(module)
+            done += 1
+    return done
+
+
 def _other_quantized(model: nn.Module) -> list[tuple[str, nn.Module]]:
     from compressed_tensors.quantization.utils import is_module_quantized
 
@@ -340,6 +364,7 @@ class SplitQCompressedTensorsHfQuantizer(CompressedTensorsHfQuantizer):
         self.compressor.decompress_model(model)
         if not _other_quantized(model):  # nothing was decompressed: the model still is packed
             self.compressor.quantization_config.quantization_status = QuantizationStatus.COMPRESSED
+        drop_trivial_offload(model)
         return model
 
     def get_state_dict_and_metadata(

@@ -229,6 +229,43 @@ class SplitQSiteLinear(nn.Module):
         return self
 
     @classmethod
+    def from_params(
+        cls,
+        params: SiteParams,
+        members: tuple[str, ...] | None = None,
+        context: ModalityContext | None = None,
+    ) -> list[SplitQSiteLinear]:
+        """The owner and members of a site from :class:`SiteParams` (tests, benchmarks);
+        member names default to ``linear_0, linear_1, ...``."""
+        names = members or tuple(f"linear_{j}" for j in range(len(params.out_splits)))
+        tensors = {"perm": params.perm, "act_clip": params.act_clip, "smooth": params.smooth,
+                   "factors": params.factors}  # fmt: skip
+        for p in range(3):
+            tensors[f"weight_packed_{p}"] = params.w_packed[p]
+            tensors[f"weight_scale_{p}"] = params.w_scale[p]
+        if params.bias is not None:
+            tensors["site_bias"] = params.bias
+
+        def branch(b: SiteBranchParams | None, kind: str) -> SiteBranch | None:
+            if b is None:
+                return None
+            return SiteBranch(b.down, b.down_scale, b.up, b.up_scale, b.ranks, b.w_bits, kind)
+
+        owner = cls.owner_from_tensors(
+            tensors,
+            sizes=params.sizes,
+            dims=params.dims,
+            out_splits=params.out_splits,
+            w_bits=params.w_bits,
+            a_bits=tuple(None if b >= 16 else b for b in params.a_bits),
+            members=names,
+            cws=branch(params.cws, "residual"),
+            mac=branch(params.mac, "residual" if params.mac_input == 0 else "act"),
+            context=context,
+        )
+        return [owner] + [cls.member(owner, j, names[0]) for j in range(1, len(names))]
+
+    @classmethod
     def member(cls, owner: SplitQSiteLinear, index: int, name: str) -> SplitQSiteLinear:
         """Member ``index`` (> 0) of ``owner``'s site; ``name`` is the owner's attribute name."""
         if not 0 < index < len(owner.out_splits):

@@ -1,6 +1,7 @@
 """``torch.ops.splitq.site_linear``: one SplitQ activation site as one torch op.
 
-The op takes the *untransformed* activation and every tensor of the site (see
+The op takes the *untransformed* activation ``x`` (..., d) with an optional text mask over its
+leading dims, and every tensor of the site (see
 :mod:`splitq_modifier.runtime.reference` for the exact contract) and returns the outputs of
 the site's linears side by side. Implementations:
 
@@ -257,10 +258,17 @@ def _triton(*args):
 
 
 def _dispatch(*args):
-    x, a_bits = args[0], args[26]
+    """Flatten the leading dims (inside the op, so no extra top-level torch ops), run the
+    Triton kernels or the reference on (N, d), restore the leading dims."""
+    x, mask, a_bits = args[0], args[19], args[26]
+    lead = x.shape[:-1]
+    flat = (x.reshape(-1, x.shape[-1]), *args[1:19], None if mask is None else mask.reshape(-1))
+    flat = (*flat, *args[20:])
     if int(a_bits[2]) < UNQUANTIZED and triton_enabled(x.device):
-        return _triton(*args)
-    return site_linear_reference(*args)
+        y = _triton(*flat)
+    else:
+        y = site_linear_reference(*flat)
+    return y.reshape(*lead, y.shape[-1])
 
 
 @torch.library.custom_op("splitq::site_linear", mutates_args=())
@@ -325,8 +333,8 @@ def _site_linear_fake(
     l1_scale, l4, l4_scale, l3, l3_scale, text_mask, bias, sizes, factor_dims, out_splits,
     cws_ranks, mac_ranks, a_bits, w_bits, branch_bits, mac_input, out_dtype,
 ):  # fmt: skip
-    torch._check(x.dim() == 2, lambda: "splitq::site_linear expects a 2-D input (N, d)")
-    return x.new_empty((x.shape[0], sum(out_splits)), dtype=out_dtype or x.dtype)
+    torch._check(x.dim() >= 1, lambda: "splitq::site_linear expects an input (..., d)")
+    return x.new_empty((*x.shape[:-1], sum(out_splits)), dtype=out_dtype or x.dtype)
 
 
 def site_linear(
@@ -337,13 +345,9 @@ def site_linear(
     ``text_mask`` (...) bool over the leading dims of ``x`` (True = text token) or None (every
     token is text, as at decode time).
     """
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    mask = None if text_mask is None else text_mask.reshape(-1)
-    y = torch.ops.splitq.site_linear(
-        x2, *params.op_args(), mask, params.bias, *params.int_args(), out_dtype
+    return torch.ops.splitq.site_linear(
+        x, *params.op_args(), text_mask, params.bias, *params.int_args(), out_dtype
     )
-    return y.reshape(*lead, y.shape[-1])
 
 
 # --------------------------------------------------------------------------------------------
