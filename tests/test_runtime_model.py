@@ -46,9 +46,10 @@ def quantized(tmp_path_factory):
 
 
 def _top_level_ops(model, sample) -> dict[str, int]:
-    with torch.no_grad(), torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU]
-    ) as prof:
+    with (
+        torch.no_grad(),
+        torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof,
+    ):
         model(**sample)
     counts: dict[str, int] = {}
     for e in prof.events():
