@@ -667,25 +667,34 @@ class ScaleLocks:
 
     Why: with the planted values merely frozen, training is free to scale the *ordinary*
     channels up until the planted ones are no longer outliers; the projector did exactly that to
-    the vision channels of the FORMAT_VERSION 4 model (its vision outlier ratio at the first
-    ``q_proj`` input fell to about 1). Here every scale that sets an ordinary channel's size
-    relative to a planted one is divided out in the forward pass, so the loss does not depend on
-    it and training cannot move it:
+    the vision channels of the FORMAT_VERSION 4 model, and the attention / MLP outputs do it to
+    both modalities in the deeper layers (measured with the first three locks below only: the
+    ordinary vision-token residual reached RMS 19 at the input of layer 2, against planted
+    values of 30, and only 13% of the vision tokens there had the planted channels on top). Here
+    every scale that sets an ordinary channel's size relative to a planted one is divided out in
+    the forward pass, so the loss does not depend on it and training cannot move it:
 
-    * projector output (``linear_2``): the ordinary channels are divided by their RMS over the
-      batch's vision tokens (unit RMS, like the text embeddings), and the token-varying part
-      ``W_p x`` of each planted vision channel by its own RMS times ``1 / (0.1 * scale)``, so a
-      planted vision channel is ``+-scale`` plus a token-varying part of RMS ``0.1 * scale``;
-    * input embedding: the ordinary columns are divided by their RMS over the table;
+    * projector output (``linear_2``): the channels other than the vision-planted ones are
+      divided by their RMS over the batch's vision tokens (unit RMS, like the text embeddings),
+      and the token-varying part ``W_p x`` of each planted vision channel by its own RMS times
+      ``1 / (0.1 * scale)``: a planted vision channel is ``+-scale`` plus a token-varying part
+      of RMS ``0.1 * scale``;
+    * input embedding: the columns other than the text-planted ones are divided by their RMS
+      over the table;
     * every RMSNorm of the language model: the ordinary weights are divided by their RMS (the
-      planted weights stay frozen at 1).
+      planted weights stay frozen at 1);
+    * every residual write (``o_proj``, ``down_proj``): the output is divided by its RMS over
+      the batch's tokens, so each of them adds unit RMS to the residual stream.
 
-    With the planted channels' attention / MLP output rows frozen at 0 (:func:`restore_planted`),
-    the planted values then reach the q/k/v and gate/up inputs of every layer unchanged.
-    :meth:`fold` writes the final scales into the weights (the projector's measured on a fixed
-    reference set of images) and removes the hooks, so the saved model is a stock
+    With the planted channels' o_proj / down_proj rows frozen at 0 (:func:`restore_planted`), the
+    planted values reach the q/k/v and gate/up inputs of every layer unchanged. The data-dependent
+    divisors (projector, residual writes) are batch statistics in training mode and running
+    averages of them in eval mode, as in batch normalisation; :meth:`fold` writes the running
+    and the static divisors into the weights and removes the hooks, so the saved model is a stock
     ``LlavaForConditionalGeneration``.
     """
+
+    momentum = 0.95  # of the running divisors
 
     def __init__(self, model: nn.Module, planted: PlantedOutliers, vision_scale: float) -> None:
         self.model = model
@@ -701,14 +710,19 @@ class ScaleLocks:
         text_mask[planted.text_channels] = True
         self.embedding_ordinary = ~text_mask
         self.norm_ordinary = ~(text_mask | self.vision_mask)
-        self.last_projector_scale: torch.Tensor | None = None
+        self.running: dict[nn.Module, torch.Tensor] = {}
         lm = model.model.language_model
+        self.projector = model.model.multi_modal_projector.linear_2
+        self.writers = [
+            m for layer in lm.layers for m in (layer.self_attn.o_proj, layer.mlp.down_proj)
+        ]
         self.handles = [
-            model.model.multi_modal_projector.linear_2.register_forward_hook(self._projector),
+            self.projector.register_forward_hook(self._projector_hook),
             lm.embed_tokens.register_forward_hook(self._divider(self.embedding_ordinary)),
         ]
         divide_norm = self._divider(self.norm_ordinary)
         self.handles += [n.register_forward_hook(divide_norm) for n in _lm_norms(model)]
+        self.handles += [w.register_forward_hook(self._writer_hook) for w in self.writers]
 
     @staticmethod
     def _rms(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -724,32 +738,43 @@ class ScaleLocks:
 
         return hook
 
-    def projector_scale(self, y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """Per-channel divisor of ``linear_2``'s output ``y`` (without the planted bias)."""
+    def _divisor(self, module: nn.Module, batch_divisor: torch.Tensor) -> torch.Tensor:
+        """Batch divisor in training mode (updating the running one), else the running one."""
+        running = self.running.get(module)
+        if module.training or running is None:
+            d = batch_divisor.detach()
+            m = self.momentum
+            self.running[module] = d if running is None else m * running + (1 - m) * d
+            return batch_divisor
+        return running
+
+    def projector_divisor(self, y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Per-channel batch divisor of ``linear_2``'s output ``y`` (without the planted bias)."""
         z = (y - torch.where(self.vision_mask, bias, 0.0)).flatten(0, -2)
         r_ord = z[:, ~self.vision_mask].pow(2).mean().sqrt()
         r_vis = z.pow(2).mean(0).sqrt() / (0.1 * self.vision_scale)
         return torch.where(self.vision_mask, r_vis, r_ord).clamp(min=1e-6)
 
-    def _projector(self, module: nn.Module, _args: tuple, y: torch.Tensor) -> torch.Tensor:
-        bias = module.bias.detach()
-        scale = self.projector_scale(y, bias)
-        self.last_projector_scale = scale.detach()
-        c = torch.where(self.vision_mask, bias, 0.0)
-        return (y - c) / scale + c
+    def _projector_hook(self, module: nn.Module, _args: tuple, y: torch.Tensor) -> torch.Tensor:
+        c = torch.where(self.vision_mask, module.bias.detach(), 0.0)
+        return (y - c) / self._divisor(module, self.projector_divisor(y, module.bias.detach())) + c
+
+    def _writer_hook(self, module: nn.Module, _args: tuple, y: torch.Tensor) -> torch.Tensor:
+        return y / self._divisor(module, y.pow(2).mean().sqrt().clamp(min=1e-6))
 
     @torch.no_grad()
-    def fold(self, reference_images: torch.Tensor) -> None:
+    def fold(self) -> None:
         """Write the locked scales into the weights, remove the hooks, update ``planted``."""
-        self.model.model.get_image_features(pixel_values=reference_images)
-        scale = self.last_projector_scale
         for h in self.handles:
             h.remove()
         self.handles = []
-        lin2 = self.model.model.multi_modal_projector.linear_2
+        lin2 = self.projector
+        scale = self.running[lin2]
         lin2.weight.div_(scale[:, None])
         lin2.bias[~self.vision_mask] /= scale[~self.vision_mask]
         self.planted.vision_weight = lin2.weight[self.planted.vision_channels].clone()
+        for w in self.writers:
+            w.weight.div_(self.running[w])
         emb = self.model.get_input_embeddings().weight
         emb[:, self.embedding_ordinary] /= self._rms(emb, self.embedding_ordinary)
         for norm in _lm_norms(self.model):
@@ -757,7 +782,7 @@ class ScaleLocks:
 
 
 def reference_images(cfg: TinyVLMConfig, n: int = 256) -> torch.Tensor:
-    """Fixed images (own random stream) on which the projector's locked scale is measured."""
+    """Fixed images from their own random stream (to check the folded projector's scale)."""
     task = SyntheticVQATask(cfg)
     rng = np.random.default_rng([cfg.seed, 7919, 98])
     return torch.stack(
@@ -1133,7 +1158,7 @@ def train(
             tqdm.write(f"step {step + 1}: loss {ema:.3f}, eval acc (256) {acc:.3f}")
     model.eval()
     if locks is not None:
-        locks.fold(reference_images(cfg))
+        locks.fold()
         restore_planted(model, planted)  # no-op: the folded values are the frozen ones
     return model, planted, task
 

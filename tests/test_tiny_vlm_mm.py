@@ -41,12 +41,14 @@ def test_old_cache_keys_unchanged():
 
 
 def test_scale_lock_makes_the_loss_blind_to_the_ordinary_scales():
-    # the mechanism: with the locks installed, scaling up the projector output, the ordinary
-    # embedding columns or the ordinary norm weights changes nothing the language model sees
+    # the mechanism: with the locks installed, scaling the projector output, the ordinary
+    # embedding columns, the ordinary norm weights or a residual write changes nothing the
+    # language model sees
     # (whatever upstream of linear_2 does to its output scale is divided out the same way)
     cfg = tv._cfg_from_args(0, True, None, "mm")
     model, planted = tv.build_model(cfg)
     tv.ScaleLocks(model, planted, cfg.vision_outlier_scale)
+    model.train()  # batch statistics (eval mode would use the running ones)
     batch = tv.collate(tv.SyntheticVQATask(cfg).eval_samples(8))
     with torch.no_grad():
         ref = tv.answer_logits(model, batch)
@@ -58,7 +60,10 @@ def test_scale_lock_makes_the_loss_blind_to_the_ordinary_scales():
         not_text = torch.ones(cfg.text_hidden, dtype=torch.bool)
         not_text[planted.text_channels] = False
         model.get_input_embeddings().weight[:, not_text] *= 5.0
-        model.model.language_model.layers[0].input_layernorm.weight[not_text & not_vision] *= 3.0
+        layer = model.model.language_model.layers[0]
+        layer.input_layernorm.weight[not_text & not_vision] *= 3.0
+        layer.self_attn.o_proj.weight.mul_(4.0)
+        layer.mlp.down_proj.weight.mul_(0.5)
         got = tv.answer_logits(model, batch)
     assert torch.allclose(got, ref, atol=1e-3, rtol=1e-3)
 
