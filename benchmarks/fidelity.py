@@ -9,7 +9,8 @@ calibration samples, and is scored on the same held-out samples:
 
 Models: ``planted`` (tiny random-weight Qwen2.5-VL with planted modality outliers),
 ``planted-llava``, ``trained`` (benchmarks/train_tiny_vlm.py: a tiny LLaVA trained on a
-synthetic visual question task, with baked-in outliers), or a hub id / local path of a real
+synthetic visual question task, with baked-in outliers; ``trained-mm``: the same with both
+modalities' outliers kept through training, ``--preset mm``), or a hub id / local path of a real
 VLM (``--model Qwen/Qwen2.5-VL-3B-Instruct --dataset <hf dataset>``; needs weights and
 normally a GPU: not runnable in this project's CI).
 
@@ -155,12 +156,14 @@ def load_bench(name: str, n_calib: int, n_eval: int, seed: int) -> Bench:
             synthetic_samples(tiny, n_eval, seed=seed + 1000),
             tiny.image_token_id,
         )
-    if name == "trained":
+    if name in ("trained", "trained-mm"):
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import train_tiny_vlm as tv
 
-        # the configuration measured in docs/results.md (1500 training steps)
-        model, task = tv.load_or_train(seed=seed, overrides={"steps": 1500}, threads=1)
+        if name == "trained-mm":  # vision and text outliers both survive training
+            model, task = tv.load_or_train(seed=seed, preset="mm", threads=1)
+        else:  # the configuration measured in docs/results.md (1500 training steps)
+            model, task = tv.load_or_train(seed=seed, overrides={"steps": 1500}, threads=1)
         evals = task.eval_samples(n_eval)
 
         def inputs(s: dict) -> dict:
@@ -178,7 +181,8 @@ def load_bench(name: str, n_calib: int, n_eval: int, seed: int) -> Bench:
         )
     raise SystemExit(
         f"--model {name!r}: real VLMs (hub id or path) need their weights and a processed "
-        "dataset; see docs/results.md for the call. Choices here: planted, planted-llava, trained"
+        "dataset; see docs/results.md for the call. Choices here: planted, planted-llava, trained, "
+        "trained-mm"
     )
 
 

@@ -27,10 +27,52 @@ Usage::
 
     python benchmarks/train_tiny_vlm.py --seed 0            # full model (2500 steps)
     python benchmarks/train_tiny_vlm.py --seed 0 --quick    # tiny model (~30 s), for tests
+    python benchmarks/train_tiny_vlm.py --seed 0 --preset mm --threads 1   # both modalities
 
 Measured (busy 2-core machine, --threads 1, --steps 1500): 755k parameters, 608 s of
 training, FP accuracy 85.3% and RTN W4A4 52.2% on 1000 held-out questions. The vision outliers
-did not survive training (see the report in meta.json); the text ones did.
+did not survive training (see the report in meta.json); the text ones did. Rerun with the
+per-layer report below (same accuracies, 1068 s of training on a busier machine): on vision
+tokens the planted vision channels' max|x| is 0.26-0.34x the largest other channel's at the
+q/k/v and gate/up inputs of all three layers (0.5-0.6x the median) and on top on no vision
+token; 4-bit activations on the vision tokens only cost nothing (85.2%), on the text tokens
+only 33 points (52.3%).
+
+Preset ``mm`` (``outlier_guard="scale_lock"``, 1500 steps; ``--model trained-mm`` in
+benchmarks/fidelity.py): the model whose vision *and* text outliers survive training. Freezing
+the planted values is not enough, because training can grow the ordinary channels instead; so
+every scale that sets the ordinary channels' size relative to the planted ones (projector
+output, ordinary embedding columns, ordinary RMSNorm weights, each attention / MLP output) is
+divided out during training and folded into the weights at the end, and the attention / MLP
+outputs never write into the planted channels (:class:`ScaleLocks`). The saved model is a stock
+``LlavaForConditionalGeneration``. Measured (seed 0, --threads 1, busy shared 2-core machine,
+1000 held-out questions; accuracy in %, FP / RTN W4A4 / RTN W3A3):
+
+=====================  ======================  ======================
+question type          ``mm`` (755k params)    ``mm-wide`` (2.74M)
+=====================  ======================  ======================
+colour_of_shape        100.0 / 58.1 /  8.9     100.0 / 63.7 / 11.3
+count_colour           100.0 / 44.3 / 22.7      99.5 / 51.2 / 33.5
+count_shape            100.0 / 28.9 / 35.5      97.4 / 63.2 / 25.0
+exists                  98.9 / 75.8 / 13.2     100.0 / 75.8 / 17.6
+left_of                 38.6 / 47.4 / 12.3      47.4 / 40.4 / 14.0
+shape_of_colour        100.0 / 72.9 /  0.0     100.0 / 73.6 /  0.0
+side                    43.7 / 29.6 /  0.0      46.5 / 47.9 /  0.0
+all                     88.3 / 51.5 / 14.2      88.9 / 61.1 / 16.0
+=====================  ======================  ======================
+
+Training took 546 s (``mm``) and 1566 s (``mm-wide``, text hidden 256; close to a 30-minute
+budget on a loaded machine). The position questions are not learned: left_of 38.6% and side
+43.7% in FP against 50.9% and 35.2% with every image swapped for another sample's (``mm``); the
+other five types are at 99-100%. 4-bit activations on the vision tokens only (weights
+unquantized) already cost ``mm`` 25 points (88.3 -> 63.3%), on the text tokens only 10 points
+(77.9%): the accuracy depends on both modalities' outliers. At the q/k/v and gate/up inputs of
+all three layers, on vision tokens the least planted vision channel's max|x| is 1.95-2.98x the
+largest other channel's (4.3-8.2x the median) and 96-100% of the vision tokens have the planted
+channels as their largest |x|; on text tokens the text channels give 2.63-6.91x (4.1-10.6x the
+median), 92-100% of the tokens (``mm-wide``: vision 2.26-3.00x, 99-100%; text 1.62-6.36x,
+84-100%). Per layer and site, the numbers are printed by the script and stored in
+``meta.json`` (``planted_outliers``, ``accuracy``).
 
 A second run with the same arguments loads the cached model from
 ``.cache/tiny_vlm/<hash of args>`` instead of retraining. From other scripts::
@@ -157,6 +199,9 @@ class TinyVLMConfig:
     warmup: int = 100
     train_questions: int = 4  # question/answer pairs per training sequence
     aux_cell_loss: float = 0.5  # weight of the per-image-token "what is in this cell" loss
+    # how the planted outliers are protected from training: "none" (FORMAT_VERSION 4 model:
+    # planted values frozen, everything else free) or "scale_lock" (see :class:`ScaleLocks`)
+    outlier_guard: str = "none"
 
     @property
     def image_size(self) -> int:
@@ -169,11 +214,24 @@ class TinyVLMConfig:
         return self.grid * self.grid
 
     def cache_key(self) -> str:
-        """Short hash of all fields plus the format version."""
-        payload = json.dumps(
-            {"v": FORMAT_VERSION, **dataclasses.asdict(self)}, sort_keys=True
-        ).encode()
+        """Short hash of all fields plus the format version.
+
+        Fields added after FORMAT_VERSION 4 (:data:`_KEY_OPTIONAL_DEFAULTS`) enter the hash only
+        when they differ from their default, so the keys of the older models stay valid.
+        """
+        fields = dataclasses.asdict(self)
+        for name, default in _KEY_OPTIONAL_DEFAULTS.items():
+            if fields[name] == default:
+                del fields[name]
+        payload = json.dumps({"v": FORMAT_VERSION, **fields}, sort_keys=True).encode()
         return hashlib.sha256(payload).hexdigest()[:16]
+
+
+#: Fields added without a FORMAT_VERSION bump: at these defaults the model (and its cache key)
+#: is exactly the one trained before they existed.
+_KEY_OPTIONAL_DEFAULTS: dict[str, Any] = {"outlier_guard": "none"}
+
+GUARDS = ("none", "scale_lock")
 
 
 QUICK_OVERRIDES: dict[str, Any] = dict(
@@ -193,6 +251,20 @@ QUICK_OVERRIDES: dict[str, Any] = dict(
     lr=3e-3,
     warmup=20,
 )
+
+#: Named configurations (``--preset``). ``mm``: both modalities' outliers survive training
+#: (:class:`ScaleLocks`); ``mm-wide``: the same at text hidden size 256.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "mm": dict(outlier_guard="scale_lock", steps=1500),
+    "mm-wide": dict(
+        outlier_guard="scale_lock",
+        steps=1500,
+        text_hidden=256,
+        text_heads=4,
+        text_intermediate=768,
+    ),
+}
 
 # ---------------------------------------------------------------------------------------------
 # Synthetic task
@@ -504,6 +576,13 @@ class PlantedOutliers:
     text_values: torch.Tensor  # [vocab, n_text] frozen embedding entries
     vision_bias: torch.Tensor  # [n_vision] frozen projector linear_2 bias entries
     vision_weight: torch.Tensor  # [n_vision, hidden] frozen projector linear_2 weight rows
+    # "scale_lock": also the attention / MLP output rows of all planted channels are frozen at 0
+    guard: str = "none"
+
+    @property
+    def channels(self) -> list[int]:
+        """All planted channels (text, then vision)."""
+        return self.text_channels + self.vision_channels
 
 
 def choose_planted_channels(cfg: TinyVLMConfig) -> tuple[list[int], list[int]]:
@@ -560,13 +639,18 @@ def build_model(cfg: TinyVLMConfig) -> tuple[nn.Module, PlantedOutliers]:
         )
         lin2.bias[vision_ch] = vision_bias
         lin2.weight[vision_ch] = vision_weight
+    if cfg.outlier_guard not in GUARDS:
+        raise ValueError(f"outlier_guard {cfg.outlier_guard!r} not in {GUARDS}")
     planted = PlantedOutliers(
         text_channels=text_ch,
         vision_channels=vision_ch,
         text_values=text_values.clone(),
         vision_bias=vision_bias.clone(),
         vision_weight=vision_weight.clone(),
+        guard=cfg.outlier_guard,
     )
+    if planted.guard == "scale_lock":
+        restore_planted(model, planted)
     return model, planted
 
 
@@ -589,6 +673,17 @@ def restore_planted(model: nn.Module, planted: PlantedOutliers) -> None:
     ch = planted.text_channels + planted.vision_channels
     for norm in _lm_norms(model):
         norm.weight[ch] = 1.0
+    if planted.guard == "scale_lock":
+        for w in _residual_writers(model):
+            w[ch] = 0.0
+
+
+def _residual_writers(model: nn.Module) -> list[torch.Tensor]:
+    """Weights of the Linears that write into the residual stream (o_proj, down_proj)."""
+    out = []
+    for layer in model.model.language_model.layers:
+        out += [layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight]
+    return out
 
 
 def _zero_planted_grads(model: nn.Module, planted: PlantedOutliers) -> None:
@@ -603,6 +698,139 @@ def _zero_planted_grads(model: nn.Module, planted: PlantedOutliers) -> None:
     for norm in _lm_norms(model):
         if norm.weight.grad is not None:
             norm.weight.grad[ch] = 0
+    if planted.guard == "scale_lock":
+        for w in _residual_writers(model):
+            if w.grad is not None:
+                w.grad[ch] = 0
+
+
+class ScaleLocks:
+    """Training-time scale locks of the ``scale_lock`` guard (parameter-free, folded at the end).
+
+    Why: with the planted values merely frozen, training is free to scale the *ordinary*
+    channels up until the planted ones are no longer outliers; the projector did exactly that to
+    the vision channels of the FORMAT_VERSION 4 model, and the attention / MLP outputs do it to
+    both modalities in the deeper layers (measured with the first three locks below only: the
+    ordinary vision-token residual reached RMS 19 at the input of layer 2, against planted
+    values of about 30, and only 13% of the vision tokens there had the planted channels on
+    top). Here every scale that sets an ordinary channel's size relative to a planted one is
+    divided out in the forward pass, so the loss does not depend on it and training cannot move
+    it:
+
+    * projector output (``linear_2``): the channels other than the vision-planted ones are
+      divided by their RMS over the batch's vision tokens (unit RMS, like the text embeddings),
+      and the token-varying part ``W_p x`` of each planted vision channel by its own RMS times
+      ``1 / (0.1 * scale)``: a planted vision channel is ``+-scale`` plus a token-varying part
+      of RMS ``0.1 * scale``;
+    * input embedding: the columns other than the text-planted ones are divided by their RMS
+      over the table;
+    * every RMSNorm of the language model: the ordinary weights are divided by their RMS (the
+      planted weights stay frozen at 1);
+    * every residual write (``o_proj``, ``down_proj``): the output is divided by its RMS over
+      the batch's tokens, so each of them adds unit RMS to the residual stream.
+
+    With the planted channels' o_proj / down_proj rows frozen at 0 (:func:`restore_planted`), the
+    planted values reach the q/k/v and gate/up inputs of every layer unchanged. The data-dependent
+    divisors (projector, residual writes) are batch statistics in training mode and running
+    averages of them in eval mode, as in batch normalisation; :meth:`fold` writes the running
+    and the static divisors into the weights and removes the hooks, so the saved model is a stock
+    ``LlavaForConditionalGeneration``.
+    """
+
+    momentum = 0.95  # of the running divisors
+
+    def __init__(self, model: nn.Module, planted: PlantedOutliers, vision_scale: float) -> None:
+        self.model = model
+        self.planted = planted
+        self.vision_scale = vision_scale
+        d = model.config.text_config.hidden_size
+        # the channels each site may scale: on vision tokens everything but the vision-planted
+        # channels, on text tokens everything but the text-planted ones; the norms' planted
+        # weights are frozen for both modalities
+        self.vision_mask = torch.zeros(d, dtype=torch.bool)
+        self.vision_mask[planted.vision_channels] = True
+        text_mask = torch.zeros(d, dtype=torch.bool)
+        text_mask[planted.text_channels] = True
+        self.embedding_ordinary = ~text_mask
+        self.norm_ordinary = ~(text_mask | self.vision_mask)
+        self.running: dict[nn.Module, torch.Tensor] = {}
+        lm = model.model.language_model
+        self.projector = model.model.multi_modal_projector.linear_2
+        self.writers = [
+            m for layer in lm.layers for m in (layer.self_attn.o_proj, layer.mlp.down_proj)
+        ]
+        self.handles = [
+            self.projector.register_forward_hook(self._projector_hook),
+            lm.embed_tokens.register_forward_hook(self._divider(self.embedding_ordinary)),
+        ]
+        divide_norm = self._divider(self.norm_ordinary)
+        self.handles += [n.register_forward_hook(divide_norm) for n in _lm_norms(model)]
+        self.handles += [w.register_forward_hook(self._writer_hook) for w in self.writers]
+
+    @staticmethod
+    def _rms(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """RMS of the entries of ``weight`` (last dim = hidden channels) in channels ``mask``."""
+        return weight[..., mask].pow(2).mean().sqrt()
+
+    def _divider(self, mask: torch.Tensor):
+        """Forward hook dividing the output channels ``mask`` by the RMS of the weight there."""
+
+        def hook(module: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
+            r = self._rms(module.weight, mask)
+            return out * torch.where(mask, 1.0 / r, torch.ones_like(r))
+
+        return hook
+
+    def _divisor(self, module: nn.Module, batch_divisor: torch.Tensor) -> torch.Tensor:
+        """Batch divisor in training mode (updating the running one), else the running one."""
+        running = self.running.get(module)
+        if module.training or running is None:
+            d = batch_divisor.detach()
+            m = self.momentum
+            self.running[module] = d if running is None else m * running + (1 - m) * d
+            return batch_divisor
+        return running
+
+    def projector_divisor(self, y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Per-channel batch divisor of ``linear_2``'s output ``y`` (without the planted bias)."""
+        z = (y - torch.where(self.vision_mask, bias, 0.0)).flatten(0, -2)
+        r_ord = z[:, ~self.vision_mask].pow(2).mean().sqrt()
+        r_vis = z.pow(2).mean(0).sqrt() / (0.1 * self.vision_scale)
+        return torch.where(self.vision_mask, r_vis, r_ord).clamp(min=1e-6)
+
+    def _projector_hook(self, module: nn.Module, _args: tuple, y: torch.Tensor) -> torch.Tensor:
+        c = torch.where(self.vision_mask, module.bias.detach(), 0.0)
+        return (y - c) / self._divisor(module, self.projector_divisor(y, module.bias.detach())) + c
+
+    def _writer_hook(self, module: nn.Module, _args: tuple, y: torch.Tensor) -> torch.Tensor:
+        return y / self._divisor(module, y.pow(2).mean().sqrt().clamp(min=1e-6))
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Write the locked scales into the weights, remove the hooks, update ``planted``."""
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        lin2 = self.projector
+        scale = self.running[lin2]
+        lin2.weight.div_(scale[:, None])
+        lin2.bias[~self.vision_mask] /= scale[~self.vision_mask]
+        self.planted.vision_weight = lin2.weight[self.planted.vision_channels].clone()
+        for w in self.writers:
+            w.weight.div_(self.running[w])
+        emb = self.model.get_input_embeddings().weight
+        emb[:, self.embedding_ordinary] /= self._rms(emb, self.embedding_ordinary)
+        for norm in _lm_norms(self.model):
+            norm.weight[self.norm_ordinary] /= self._rms(norm.weight, self.norm_ordinary)
+
+
+def reference_images(cfg: TinyVLMConfig, n: int = 256) -> torch.Tensor:
+    """Fixed images from their own random stream (to check the folded projector's scale)."""
+    task = SyntheticVQATask(cfg)
+    rng = np.random.default_rng([cfg.seed, 7919, 98])
+    return torch.stack(
+        [torch.from_numpy(task.render(task.sample_scene(rng), rng)) for _ in range(n)]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -675,17 +903,38 @@ def fake_quant_sym(x: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
     return (x / scale).round().clamp(-qmax - 1, qmax) * scale
 
 
-def rtn_fake_quant(model: nn.Module, w_bits: int = 4, a_bits: int = 4) -> nn.Module:
+def rtn_fake_quant(
+    model: nn.Module, w_bits: int = 4, a_bits: int = 4, tokens: str = "all"
+) -> nn.Module:
     """Copy of ``model`` with RTN fake quantization on every Linear of the language model.
 
     Weights: per-output-channel symmetric ``w_bits``. Activations: per-token symmetric
     ``a_bits`` on each Linear input (forward-pre hook, dynamic absmax). The vision tower,
-    projector and lm_head stay in full precision.
+    projector and lm_head stay in full precision. ``tokens`` ("all", "vision", "text") limits
+    the activation quantization to the image-token or the other positions (a diagnostic: which
+    modality's activations the accuracy loss comes from); the copy must then be called with
+    ``input_ids``.
     """
+    if tokens not in ("all", "vision", "text"):
+        raise ValueError(f"tokens must be 'all', 'vision' or 'text', not {tokens!r}")
     qmodel = copy.deepcopy(model)
+    state: dict[str, torch.Tensor] = {}
 
     def pre_hook(_module: nn.Module, args: tuple) -> tuple:
-        return (fake_quant_sym(args[0], a_bits, dim=-1), *args[1:])
+        x = args[0]
+        q = fake_quant_sym(x, a_bits, dim=-1)
+        if tokens != "all":
+            q = torch.where(state["mask"][..., None], q, x)
+        return (q, *args[1:])
+
+    if tokens != "all":
+
+        def remember_tokens(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+            image = ids == IMAGE_TOKEN_ID
+            state["mask"] = image if tokens == "vision" else ~image
+
+        qmodel.register_forward_pre_hook(remember_tokens, with_kwargs=True)
 
     for module in qmodel.model.language_model.modules():
         if isinstance(module, nn.Linear):
@@ -738,6 +987,149 @@ def outlier_ratio(absmax: torch.Tensor, channels: Sequence[int]) -> float:
     return float(absmax[list(channels)].min() / absmax.median().clamp(min=1e-12))
 
 
+@torch.no_grad()
+def planted_outlier_report(
+    model: nn.Module,
+    samples: Sequence[dict[str, Any]],
+    text_channels: Sequence[int],
+    vision_channels: Sequence[int],
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Are the planted channels still outliers, on their own modality, at every layer?
+
+    At the input of ``q_proj`` (= that of k/v_proj) and of ``gate_proj`` (= that of up_proj) of
+    every language-model layer, on the vision tokens for the vision-planted channels and on the
+    text tokens (every non-image position, BOS included) for the text-planted ones:
+
+    * ``ratio_to_rest``: min over the planted channels of the channel's max|x| over the tokens,
+      divided by the largest max|x| of any other channel (> 1: the planted channels are the
+      largest);
+    * ``ratio_to_median``: the same numerator over the median channel's max|x|
+      (:func:`outlier_ratio`);
+    * ``tokens_planted_top``: fraction of the tokens whose ``len(planted)`` largest |x| are
+      exactly the planted channels.
+
+    Returns ``{site: {"vision": {...}, "text": {...}}}``, sites named
+    ``layers.<i>.self_attn.q_proj`` / ``layers.<i>.mlp.gate_proj``.
+    """
+    inputs: dict[str, torch.Tensor] = {}
+    handles = []
+    lm = model.model.language_model
+    sites = {}
+    for i, layer in enumerate(lm.layers):
+        sites[f"layers.{i}.self_attn.q_proj"] = layer.self_attn.q_proj
+        sites[f"layers.{i}.mlp.gate_proj"] = layer.mlp.gate_proj
+
+    def make_hook(name: str):
+        def hook(_m: nn.Module, args: tuple) -> None:
+            inputs[name] = args[0].detach().float()
+
+        return hook
+
+    for name, module in sites.items():
+        handles.append(module.register_forward_pre_hook(make_hook(name)))
+    try:
+        batch = collate(samples)
+        model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+        )
+    finally:
+        for h in handles:
+            h.remove()
+    valid = batch["attention_mask"].bool()
+    image = batch["input_ids"] == IMAGE_TOKEN_ID
+    masks = {"vision": image & valid, "text": ~image & valid}
+    planted = {"vision": list(vision_channels), "text": list(text_channels)}
+    report: dict[str, dict[str, dict[str, float]]] = {}
+    for name, x in inputs.items():
+        report[name] = {}
+        for modality, mask in masks.items():
+            a = x[mask].abs()  # [tokens, hidden]
+            ch = planted[modality]
+            rest = torch.ones(a.shape[-1], dtype=torch.bool)
+            rest[ch] = False
+            absmax = a.amax(0)
+            top = a.topk(len(ch), dim=-1).indices.sort(-1).values
+            report[name][modality] = {
+                "ratio_to_rest": float(absmax[ch].min() / absmax[rest].max().clamp(min=1e-12)),
+                "ratio_to_median": outlier_ratio(absmax, ch),
+                "tokens_planted_top": float(
+                    (top == torch.tensor(sorted(ch))).all(-1).float().mean()
+                ),
+            }
+    return report
+
+
+def shuffled_images(samples: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The samples with each image replaced by the next sample's (an image-blind reference)."""
+    n = len(samples)
+    return [
+        dict(s, pixel_values=samples[(i + 1) % n]["pixel_values"]) for i, s in enumerate(samples)
+    ]
+
+
+def accuracy_report(
+    model: nn.Module, samples: Sequence[dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Accuracy overall and per question type: FP, RTN at W4A4 / W3A3, and diagnostics.
+
+    Keys: ``fp``, ``rtn_w4a4``, ``rtn_w3a3``, ``rtn_w16a4_vision_tokens`` / ``_text_tokens``
+    (4-bit activations on one modality's positions only, weights unquantized: which modality's
+    outliers the loss comes from) and ``fp_shuffled_images`` (FP model, every image swapped for
+    another sample's: what the questions alone give). Each value is
+    ``{"all": accuracy, "by_type": {question type: accuracy}}``.
+    """
+    variants: dict[str, tuple[nn.Module, Sequence[dict[str, Any]]]] = {
+        "fp": (model, samples),
+        "rtn_w4a4": (rtn_fake_quant(model, 4, 4), samples),
+        "rtn_w3a3": (rtn_fake_quant(model, 3, 3), samples),
+        "rtn_w16a4_vision_tokens": (rtn_fake_quant(model, 16, 4, tokens="vision"), samples),
+        "rtn_w16a4_text_tokens": (rtn_fake_quant(model, 16, 4, tokens="text"), samples),
+        "fp_shuffled_images": (model, shuffled_images(samples)),
+    }
+    out = {}
+    for name, (m, s) in variants.items():
+        acc, by_type = evaluate_accuracy(m, s, per_type=True)
+        out[name] = {"all": acc, "by_type": by_type}
+    return out
+
+
+def format_report(accuracy: dict[str, dict[str, Any]], outliers: dict[str, Any]) -> str:
+    """The accuracy and outlier reports as plain-text tables."""
+    names = list(accuracy)
+    short = {
+        "fp": "FP",
+        "rtn_w4a4": "W4A4",
+        "rtn_w3a3": "W3A3",
+        "rtn_w16a4_vision_tokens": "A4 vis",
+        "rtn_w16a4_text_tokens": "A4 txt",
+        "fp_shuffled_images": "FP shuf",
+    }
+    lines = [
+        "accuracy (RTN fake quant; 'A4 vis/txt': 4-bit activations on that modality's "
+        "tokens only, W16; 'FP shuf': FP with mismatched images)"
+    ]
+    lines.append(f"  {'question type':16s}" + "".join(f"{short.get(n, n):>9s}" for n in names))
+    types = list(accuracy["fp"]["by_type"])
+    for t in [*types, "all"]:
+        vals = [accuracy[n]["all"] if t == "all" else accuracy[n]["by_type"][t] for n in names]
+        lines.append(f"  {t:16s}" + "".join(f"{v:9.3f}" for v in vals))
+    lines.append(
+        "planted outliers at the linear inputs (per modality, on that modality's tokens): "
+        "min planted max|x| / max other max|x|, / median max|x|, fraction of tokens with the "
+        "planted channels on top"
+    )
+    for site, by_mod in outliers.items():
+        cells = "  ".join(
+            f"{m} {r['ratio_to_rest']:6.2f} {r['ratio_to_median']:7.1f} "
+            f"{r['tokens_planted_top']:5.3f}"
+            for m, r in by_mod.items()
+        )
+        lines.append(f"  {site:26s} {cells}")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------
 # Training and cache
 # ---------------------------------------------------------------------------------------------
@@ -749,6 +1141,9 @@ def train(
     """Build and train the model on the synthetic task (CPU, deterministic for ``cfg.seed``)."""
     task = SyntheticVQATask(cfg)
     model, planted = build_model(cfg)
+    locks = None
+    if planted.guard == "scale_lock":
+        locks = ScaleLocks(model, planted, cfg.vision_outlier_scale)
     model.train()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -805,11 +1200,21 @@ def train(
             model.train()
             tqdm.write(f"step {step + 1}: loss {ema:.3f}, eval acc (256) {acc:.3f}")
     model.eval()
+    if locks is not None:
+        locks.fold()
+        restore_planted(model, planted)  # no-op: the folded values are the frozen ones
     return model, planted, task
 
 
-def _cfg_from_args(seed: int, quick: bool, overrides: dict[str, Any] | None) -> TinyVLMConfig:
-    kw: dict[str, Any] = dict(QUICK_OVERRIDES) if quick else {}
+def _cfg_from_args(
+    seed: int, quick: bool, overrides: dict[str, Any] | None, preset: str = "default"
+) -> TinyVLMConfig:
+    """Config from a preset, then the quick-mode sizes (if ``quick``), then ``overrides``."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset {preset!r} not in {sorted(PRESETS)}")
+    kw: dict[str, Any] = dict(PRESETS[preset])
+    if quick:
+        kw.update(QUICK_OVERRIDES)
     kw.update(overrides or {})
     return TinyVLMConfig(seed=seed, **kw)
 
@@ -829,6 +1234,7 @@ def load_or_train(
     progress: bool = True,
     force: bool = False,
     threads: int = 2,
+    preset: str = "default",
 ) -> tuple[nn.Module, SyntheticVQATask]:
     """Load the trained tiny VLM from the cache, or train and cache it.
 
@@ -842,6 +1248,8 @@ def load_or_train(
         force: retrain even if a cached model exists.
         threads: ``torch.set_num_threads`` value (results are bitwise reproducible for a fixed
             thread count; on a busy machine 1 thread can be several times faster than 2).
+        preset: a :data:`PRESETS` name; ``"mm"`` is the model whose vision *and* text outliers
+            survive training (applied before ``quick`` and ``overrides``).
 
     Returns:
         ``(model, task)``: an eval-mode ``LlavaForConditionalGeneration`` loaded from its cache
@@ -852,7 +1260,7 @@ def load_or_train(
     from transformers import LlavaForConditionalGeneration
 
     torch.set_num_threads(threads)
-    cfg = _cfg_from_args(seed, quick, overrides)
+    cfg = _cfg_from_args(seed, quick, overrides, preset)
     out = cache_path(cfg, cache_dir)
     meta_file = out / "meta.json"
     if force or not meta_file.exists():
@@ -864,6 +1272,10 @@ def load_or_train(
         rtn_acc, rtn_types = evaluate_accuracy(rtn_fake_quant(model, 4, 4), samples, per_type=True)
         stats = channel_absmax_at_linear_inputs(model, task.calibration_samples(64))
         q_in = stats["layers.0.self_attn.q_proj"]
+        accuracy = accuracy_report(model, samples)
+        outliers = planted_outlier_report(
+            model, task.calibration_samples(64), planted.text_channels, planted.vision_channels
+        )
         meta = {
             "format_version": FORMAT_VERSION,
             "config_hash": cfg.cache_key(),
@@ -886,7 +1298,13 @@ def load_or_train(
             "q_proj0_input_outlier_ratio_text": outlier_ratio(q_in, planted.text_channels),
             "q_proj0_input_outlier_ratio_vision": outlier_ratio(q_in, planted.vision_channels),
             "train_seconds": train_s,
+            "train_threads": threads,
             "num_parameters": sum(p.numel() for p in model.parameters()),
+            "preset": preset,
+            # per question type: FP, RTN W4A4 / W3A3, modality-restricted A4, shuffled images
+            "accuracy": accuracy,
+            # per layer and modality, on 64 calibration samples (see planted_outlier_report)
+            "planted_outliers": outliers,
         }
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out)
@@ -942,6 +1360,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Command line entry point."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", choices=list(PRESETS), default="default")
     p.add_argument("--quick", action="store_true", help="tiny config, ~30 s (tests)")
     p.add_argument("--cache-dir", type=str, default=None)
     p.add_argument("--force", action="store_true", help="retrain even if cached")
@@ -950,6 +1369,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--text-outlier-scale", type=float, default=None)
     p.add_argument("--vision-outlier-scale", type=float, default=None)
+    p.add_argument("--outlier-guard", choices=GUARDS, default=None)
     p.add_argument("--rtn-bits", type=str, default="4,4", help="extra check: 'w,a' bits")
     args = p.parse_args(argv)
     overrides = {
@@ -958,6 +1378,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             steps=args.steps,
             text_outlier_scale=args.text_outlier_scale,
             vision_outlier_scale=args.vision_outlier_scale,
+            outlier_guard=args.outlier_guard,
         ).items()
         if v is not None
     }
@@ -970,27 +1391,35 @@ def main(argv: Sequence[str] | None = None) -> None:
         n_eval=args.n_eval,
         force=args.force,
         threads=args.threads,
+        preset=args.preset,
     )
     meta = task.meta
     print(f"model dir: {task.model_dir} ({time.time() - t0:.1f} s incl. training/loading)")
-    print(f"parameters: {meta['num_parameters']:,}; training time {meta['train_seconds']:.0f} s")
+    print(
+        f"parameters: {meta['num_parameters']:,}; training time {meta['train_seconds']:.0f} s "
+        f"({meta.get('train_threads', '?')} thread(s), {meta['config']['steps']} steps); "
+        f"outlier guard {meta['config'].get('outlier_guard', 'none')}"
+    )
     print(
         f"planted text channels {meta['planted_text_channels']}, "
         f"vision channels {meta['planted_vision_channels']}"
     )
     samples = task.eval_samples(args.n_eval)
-    fp_acc, fp_types = evaluate_accuracy(model, samples, per_type=True)
-    w_bits, a_bits = (int(b) for b in args.rtn_bits.split(","))
-    rtn_acc, rtn_types = evaluate_accuracy(
-        rtn_fake_quant(model, w_bits, a_bits), samples, per_type=True
-    )
-    w4_acc = evaluate_accuracy(rtn_fake_quant(model, w_bits, 16), samples)
     print(f"eval samples: {len(samples)} (held-out split)")
-    print(f"FP accuracy:            {fp_acc:.4f}")
+    accuracy = accuracy_report(model, samples)
+    outliers = planted_outlier_report(
+        model,
+        task.calibration_samples(64),
+        meta["planted_text_channels"],
+        meta["planted_vision_channels"],
+    )
+    print(format_report(accuracy, outliers))
+    fp_acc = accuracy["fp"]["all"]
+    w_bits, a_bits = (int(b) for b in args.rtn_bits.split(","))
+    rtn_acc = evaluate_accuracy(rtn_fake_quant(model, w_bits, a_bits), samples)
+    w_acc = evaluate_accuracy(rtn_fake_quant(model, w_bits, 16), samples)
     print(f"RTN W{w_bits}A{a_bits} accuracy:   {rtn_acc:.4f} ({rtn_acc / fp_acc:.1%} of FP)")
-    print(f"RTN W{w_bits}A16 accuracy:  {w4_acc:.4f}")
-    for k in fp_types:
-        print(f"  {k:16s} FP {fp_types[k]:.3f}  RTN {rtn_types[k]:.3f}")
+    print(f"RTN W{w_bits}A16 accuracy:  {w_acc:.4f}")
     stats = channel_absmax_at_linear_inputs(model, task.calibration_samples(64))
     for name in ("layers.0.self_attn.q_proj", "layers.0.mlp.gate_proj", "layers.0.mlp.down_proj"):
         a = stats[name]
