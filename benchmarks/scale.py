@@ -85,9 +85,8 @@ def _worker(args: argparse.Namespace) -> None:
             num_calibration_samples=args.samples, processor=tiny.tokenizer)  # fmt: skip
     seconds = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    layer = tiny.model.model.language_model.layers[0]
-    params = sum(p.numel() for p in tiny.model.parameters())
-    del layer
+    q, kvw = heads * (hidden // heads), kv * (hidden // heads)
+    params = hidden * (q + 2 * kvw) + q * hidden + 3 * hidden * inter  # the layer's weights
     print("RESULT" + json.dumps({"seconds": seconds, "peak": peak, "before": base_rss,
                                  "params": params}))  # fmt: skip
 

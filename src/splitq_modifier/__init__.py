@@ -32,9 +32,11 @@ __version__ = "0.2.0"
 def _register_modifier() -> None:
     from llmcompressor.modifiers.factory import ModifierFactory
 
+    from splitq_modifier.distributed import install_partition_fix
     from splitq_modifier.modifier import SplitQModifier
 
     ModifierFactory.register("SplitQModifier", SplitQModifier)
+    install_partition_fix()
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):

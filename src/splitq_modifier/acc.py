@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from splitq_modifier.quant import fake_quant, quantize_sym
+from splitq_modifier.quant import fake_quant, quantize_sym, step_cached
 
 __all__ = ["QuantBranch", "LowRankBranch", "FrozenBranch", "branch_rank", "top_singular"]
 
@@ -149,10 +149,13 @@ class LowRankBranch(nn.Module):
         return self.up() @ self.down
 
     def _factors(self, quantize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        down, up = self.down, self.up()
-        if quantize:
-            down, up = fake_quant(down, self.cfg.bits), fake_quant(up, self.cfg.bits)
-        return down, up
+        def compute() -> tuple[torch.Tensor, torch.Tensor]:
+            down, up = self.down, self.up()
+            if quantize:
+                down, up = fake_quant(down, self.cfg.bits), fake_quant(up, self.cfg.bits)
+            return down, up
+
+        return step_cached((id(self), "factors", quantize), compute)
 
     def forward(self, xq_main: torch.Tensor, quantize: bool = True) -> torch.Tensor:
         """CWS: the branch output for the (quantized) transformed main activation."""
@@ -165,12 +168,23 @@ class LowRankBranch(nn.Module):
         xq_main: torch.Tensor,
         context,
         quantize: bool = True,
+        u_q: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """MAC: the compensation added to text-token rows."""
+        """MAC: the compensation added to text-token rows.
+
+        :param u_q: the branch input, already (fake-)quantized (the linears of a site share
+            it); computed from ``xs_main`` / ``xq_main`` when None
+        """
         mask = None if context is None else context.mask_for(xs_main)
         down, up = self._factors(quantize)
+        if u_q is None:
+            u_q = self.mac_input(xs_main, xq_main, quantize)
+        return _text_only(_branch(u_q, down, up, self.cfg.bits, quantize, False), mask)
+
+    def mac_input(self, xs_main: torch.Tensor, xq_main: torch.Tensor, quantize: bool):
+        """The (fake-)quantized MAC branch input: residual ``X~ - Q(X~)`` or ``Q(X~)``."""
         u = _mac_input(self.cfg.input, xs_main, xq_main)
-        return _text_only(_branch(u, down, up, self.cfg.bits, quantize, True), mask)
+        return fake_quant(u, self.cfg.bits) if quantize else u
 
     @torch.no_grad()
     def freeze(self) -> FrozenBranch:

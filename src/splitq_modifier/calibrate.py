@@ -18,6 +18,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm import tqdm
 
+from splitq_modifier.distributed import (
+    all_gather_objects,
+    all_reduce_grads,
+    all_reduce_sums,
+    local_batch_size,
+    rank_and_world,
+)
 from splitq_modifier.split_linear import cached_weights
 
 __all__ = ["LayerSample", "TrainConfig", "layer_output", "train_layer", "layer_loss"]
@@ -99,7 +106,8 @@ def layer_loss(
 
     Relative to the layer's own contribution ``||Y_q - Y||^2 / ||Y - X||^2`` when the output
     has the shape of the input (a residual block: the residual stream itself, often carrying
-    massive activations, is not what the layer computes), else to ``||Y||^2``.
+    massive activations, is not what the layer computes), else to ``||Y||^2``. Under data
+    parallelism the mean is over every rank's samples (the same value on every rank).
     """
     total = 0.0
     device = _device(layer)
@@ -111,7 +119,8 @@ def layer_loss(
             x = _layer_input(s)
             ref = t if x is None else t - x.float()
             total += float((out - t).pow(2).sum() / ref.pow(2).sum().clamp(min=1e-12))
-    return total / max(len(samples), 1)
+    total, count = all_reduce_sums([total, float(len(samples))])
+    return total / max(count, 1.0)
 
 
 def train_layer(
@@ -126,10 +135,18 @@ def train_layer(
     Only parameters with ``requires_grad`` are trained (the caller freezes the model's own
     weights). Each step accumulates ``cfg.batch_size`` samples; each sample's MSE is divided
     by its own detached value, so that every sample weighs the same whatever its scale.
+
+    Data parallel (:mod:`splitq_modifier.distributed`): each rank holds its own samples; a
+    step takes ``ceil(batch_size / world)`` of them on every rank and all-reduces the
+    gradients, so the global batch, the number of steps and the schedule are those of one
+    process with all the samples, and every rank makes the same update. Each rank shuffles
+    its own samples with ``seed`` and its rank.
     """
     params = [p for p in layer.parameters() if p.requires_grad]
     before = layer_loss(layer, samples, set_mask)
-    if not params or cfg.epochs <= 0 or not samples:
+    rank, world = rank_and_world()
+    counts = [int(n) for n in all_gather_objects(len(samples))]
+    if not params or cfg.epochs <= 0 or not sum(counts):
         return before, before
     names = {id(p): n for n, p in layer.named_parameters()}
     clip = [p for p in params if "clip_logit" in names[id(p)]]
@@ -141,16 +158,19 @@ def train_layer(
         ],
         weight_decay=0.0,
     )
-    steps_per_epoch = math.ceil(len(samples) / cfg.batch_size)
+    local_bs = local_batch_size(cfg.batch_size)
+    steps_per_epoch = math.ceil(max(counts) / local_bs)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
-    rng = random.Random(cfg.seed)
+    rng = random.Random(cfg.seed + 1_000_003 * rank)
     order = list(range(len(samples)))
     device = _device(layer)
     with torch.enable_grad():
-        for _ in tqdm(range(cfg.epochs), desc=desc, leave=False):
+        for _ in tqdm(range(cfg.epochs), desc=desc, leave=False, disable=rank > 0):
             rng.shuffle(order)
-            for start in range(0, len(order), cfg.batch_size):
-                batch = order[start : start + cfg.batch_size]
+            for step in range(steps_per_epoch):
+                lo = step * local_bs
+                batch = order[lo : lo + local_bs]
+                global_count = sum(min(local_bs, max(0, n - lo)) for n in counts)
                 opt.zero_grad(set_to_none=True)
                 # orthogonal factors and quantized weights computed once per step
                 with parametrize.cached(), cached_weights():
@@ -159,8 +179,11 @@ def train_layer(
                         s = samples[i].to(device)
                         out = _run(layer, s, set_mask).float()
                         mse = (out - s.target.float()).pow(2).mean()
-                        loss = loss + mse / mse.detach().clamp(min=1e-12) / len(batch)
-                    loss.backward()
+                        loss = loss + mse / mse.detach().clamp(min=1e-12) / global_count
+                    if batch:
+                        loss.backward()
+                if world > 1:
+                    all_reduce_grads(params)
                 opt.step()
                 sched.step()
     after = layer_loss(layer, samples, set_mask)

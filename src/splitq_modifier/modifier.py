@@ -23,6 +23,7 @@ Sample recipe::
 
 from __future__ import annotations
 
+import time
 from typing import Literal
 
 import torch
@@ -36,10 +37,23 @@ from pydantic import Field, PrivateAttr, model_validator
 from splitq_modifier.acc import QuantBranch
 from splitq_modifier.arch import ArchSpec, find_sites, get_arch, is_decoder_layer, vision_token_ids
 from splitq_modifier.calibrate import LayerSample, TrainConfig, layer_output, train_layer
+from splitq_modifier.distributed import (
+    all_reduce_sums,
+    all_reduce_tensor,
+    sample_digest,
+    warn_on_overlap,
+)
 from splitq_modifier.layout import SitePlan, plan_for_sizes, plan_site
 from splitq_modifier.mocd import SELECTION_RULES, ChannelStats, select_channels
+from splitq_modifier.rounding import HessianAccumulator
 from splitq_modifier.runtime import ModalityContext, attach_modality_context
-from splitq_modifier.split_linear import ChannelSplit, SplitQLinear, SplitSite, freeze_site
+from splitq_modifier.split_linear import (
+    ChannelSplit,
+    SplitQLinear,
+    SplitSite,
+    cached_weights,
+    freeze_site,
+)
 
 __all__ = ["SplitQModifier"]
 
@@ -85,6 +99,9 @@ class SplitQModifier(Modifier):
     :param lr: AdamW learning rate (clipping factors use ``lr * clip_lr_multiplier``)
     :param batch_size: calibration samples per optimiser step
     :param seed: seed of everything random (random selection, sample order)
+    :param weight_rounding: how the trained path weights are rounded when the layer is
+        frozen: ``rtn`` (to nearest) or ``gptq`` (error feedback with the Hessian of each
+        path's quantized transformed activations, :mod:`splitq_modifier.rounding`)
     :param cache_device: where the cached layer inputs and FP targets live (e.g. ``"cpu"``,
         so that the GPU holds one batch at a time); None = where the layer runs
     """
@@ -114,6 +131,7 @@ class SplitQModifier(Modifier):
     clip_lr_multiplier: float = Field(default=10.0, gt=0.0)
     batch_size: int = Field(default=4, ge=1)
     seed: int = 0
+    weight_rounding: Literal["rtn", "gptq"] = "rtn"
     cache_device: str | None = None
 
     _arch: ArchSpec | None = PrivateAttr(default=None)
@@ -125,6 +143,7 @@ class SplitQModifier(Modifier):
     _cache: dict[torch.nn.Module, list[LayerSample]] = PrivateAttr(default_factory=dict)
     _pending: dict[torch.nn.Module, tuple] = PrivateAttr(default_factory=dict)
     _report: dict[str, dict] = PrivateAttr(default_factory=dict)
+    _digests: list[str] | None = PrivateAttr(default_factory=list)
 
     @model_validator(mode="after")
     def _check_ratios(self) -> SplitQModifier:
@@ -216,6 +235,8 @@ class SplitQModifier(Modifier):
         vision = torch.isin(ids, torch.tensor(self._vision_ids, device=ids.device))
         idx = active_session().state.current_batch_idx
         self._masks[idx] = (vision.cpu(), (~vision).cpu())
+        if self._digests is not None:  # first calibration pass: which samples this rank sees
+            self._digests.append(sample_digest(ids))
 
     def _current_masks(self, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
         idx = active_session().state.current_batch_idx
@@ -299,17 +320,24 @@ class SplitQModifier(Modifier):
         return QuantBranch(ratio, max(self.aux_bits_floor, 4), self.learn_gates, **kw)
 
     def _quantize_layer(self, layer: torch.nn.Module) -> None:
+        if self._digests is not None:
+            warn_on_overlap(self._digests)  # data parallel: are the ranks' shares disjoint?
+            self._digests = None
         name = self._layers[layer]
         samples = self._cache.pop(layer)
         wbits, abits = self._bits()
         device = next(layer.parameters()).device
         for p in layer.parameters():
             p.requires_grad_(False)
-        swapped: list[tuple[SplitSite, torch.nn.Module, list[str], list[SplitQLinear]]] = []
+        swapped: list[tuple] = []  # (site, parent, attribute names, SplitQLinears, originals)
         layouts = []
+        clock = {"select": 0.0, "build": 0.0}
         for site in self._sites[layer]:
+            t0 = time.perf_counter()
             split, plan = self._plan(site)
             smooth = self._smoothing(site)
+            t1 = time.perf_counter()
+            clock["select"] += t1 - t0
             self._report[f"{name}.{site.name}"] = {
                 "vision": split.vision.tolist(),
                 "text": split.text.tolist(),
@@ -339,20 +367,67 @@ class SplitQModifier(Modifier):
                     f"SplitQ site {name}.{site.name}: its linears {attrs} must share one parent "
                     "module (fix the site table in splitq_modifier.arch)"
                 )
-            swapped.append((ss, parents[0], attrs, qs))
+            swapped.append((ss, parents[0], attrs, qs, [lin for _, lin in site.linears]))
             site.stats = None  # free the statistics
+            clock["build"] += time.perf_counter() - t1
         cfg = TrainConfig(self.epochs, self.lr, self.clip_lr_multiplier, self.batch_size, self.seed)
+        t0 = time.perf_counter()
         with HooksMixin.disable_hooks():
             before, after = train_layer(layer, samples, cfg, self._set_mask, desc=f"SplitQ {name}")
-        for ss, parent, attrs, qs in swapped:
-            for attr, frozen in zip(attrs, freeze_site(ss, qs, attrs, self._context)):
+        t1 = time.perf_counter()
+        hessians = self._hessians(layer, samples, swapped) if self.weight_rounding == "gptq" else {}
+        for ss, parent, attrs, qs, originals in swapped:
+            frozen_site = freeze_site(ss, qs, attrs, self._context, hessians.get(id(ss)))
+            for attr, frozen in zip(attrs, frozen_site):
+                _offload_like(frozen, originals[0])
                 setattr(parent, attr, frozen)
+        clock.update(train=t1 - t0, freeze=time.perf_counter() - t1)
         self._context.text_mask = None
-        self._report[name] = {"loss_before": before, "loss_after": after}
+        self._report[name] = {
+            "loss_before": before,
+            "loss_after": after,
+            "seconds": {k: round(v, 3) for k, v in clock.items()},
+        }
         logger.info(
             f"SplitQ {name}: paths v/t/m {', '.join(layouts)}; relative output error "
-            f"{before:.4g} -> {after:.4g}"
+            f"{before:.4g} -> {after:.4g}; " + ", ".join(f"{k} {v:.1f} s" for k, v in clock.items())
         )
+
+    @torch.no_grad()
+    def _hessians(self, layer, samples: list[LayerSample], swapped: list) -> dict:
+        """Per site (``id`` of its SplitSite): per path, the normalised Hessian of the path's
+        quantized transformed activations over the layer's samples (all ranks)."""
+        accs, handles = {}, []
+        for ss, _, _, qs, _ in swapped:
+            acc = accs[id(ss)] = [HessianAccumulator() for _ in range(3)]
+
+            def hook(module, args, ss=ss, acc=acc):
+                xq = ss.quantize_act(ss.split_act(args[0]))
+                for p in range(3):
+                    acc[p].add(xq[p])
+
+            handles.append(qs[0].register_forward_pre_hook(hook))
+        device = next(layer.parameters(), torch.empty(0)).device
+        try:
+            with HooksMixin.disable_hooks(), cached_weights():
+                for s in samples:
+                    s = s.to(device)
+                    self._set_mask(s.text_mask)
+                    layer(*s.args, **s.kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        out = {}
+        for key, acc in accs.items():
+            hs = []
+            for a in acc:
+                if a.h is None:
+                    hs.append(None)
+                    continue
+                n = all_reduce_sums([float(a.count)])[0]
+                hs.append(all_reduce_tensor(a.h) * (2.0 / max(n, 1.0)))
+            out[key] = hs
+        return out
 
     def _set_mask(self, mask: torch.Tensor | None) -> None:
         self._context.text_mask = mask
@@ -369,3 +444,18 @@ class SplitQModifier(Modifier):
 def _parent(root: torch.nn.Module, path: str) -> tuple[torch.nn.Module, str]:
     parent_path, _, attr = path.rpartition(".")
     return (root.get_submodule(parent_path) if parent_path else root), attr
+
+
+def _offload_like(module: torch.nn.Module, original: torch.nn.Module) -> None:
+    """Offload ``module`` (and its branch children) as compressed-tensors offloads
+    ``original`` (the linear it replaces), so a frozen SplitQ layer of a CPU- or
+    disk-offloaded model goes back off the GPU like the rest of the model."""
+    from compressed_tensors.offload import get_cache_init_kwargs, offload_module
+    from compressed_tensors.offload.cache import OffloadCache
+
+    if not isinstance(original._parameters, OffloadCache):
+        return
+    kwargs = get_cache_init_kwargs(original)
+    for m in module.modules():
+        if not isinstance(m._buffers, OffloadCache) and (m._buffers or m._parameters):
+            offload_module(m, **kwargs)

@@ -9,6 +9,9 @@ weights per output channel (rows).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Hashable, Iterator
+
 import torch
 
 __all__ = [
@@ -16,6 +19,8 @@ __all__ = [
     "round_ste",
     "fake_quant",
     "quantize_sym",
+    "step_cache",
+    "step_cached",
 ]
 
 #: Smallest scale; keeps all-zero rows (padding, dead channels) finite.
@@ -61,3 +66,36 @@ def fake_quant(
         return v
     q, scale = quantize_sym(v, bits, clip)
     return q * scale
+
+
+_STEP_CACHE: dict | None = None
+
+
+@contextlib.contextmanager
+def step_cache() -> Iterator[None]:
+    """Within the block, :func:`step_cached` computes each key once.
+
+    One optimiser step runs several samples through a layer with the same parameters: the
+    quantized weights and branch factors are the same for all of them, so they are computed
+    on the first sample and reused (one graph, one backward through it). Nesting is allowed
+    (the outermost block owns the cache).
+    """
+    global _STEP_CACHE
+    if _STEP_CACHE is not None:
+        yield
+        return
+    _STEP_CACHE = {}
+    try:
+        yield
+    finally:
+        _STEP_CACHE = None
+
+
+def step_cached(key: Hashable, fn: Callable[[], object]):
+    """``fn()``, computed once per :func:`step_cache` block (every call outside one)."""
+    cache = _STEP_CACHE
+    if cache is None:
+        return fn()
+    if key not in cache:
+        cache[key] = fn()
+    return cache[key]

@@ -16,8 +16,6 @@ Two modules live here:
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +23,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from splitq_modifier.acc import FrozenBranch, LowRankBranch, QuantBranch
-from splitq_modifier.quant import fake_quant, quantize_sym
+from splitq_modifier.quant import fake_quant, quantize_sym, step_cache, step_cached
+from splitq_modifier.rounding import gptq_round
 from splitq_modifier.runtime import (
     ModalityContext,
     SiteBranch,
@@ -51,29 +50,11 @@ PATHS = ("vision", "text", "main")
 #: Initial logit of every learnable clipping factor (sigmoid(4) ~= 0.982).
 CLIP_INIT = 4.0
 
-#: Quantized path weights of each SplitQLinear, kept while :func:`cached_weights` is active.
-_WEIGHT_CACHE: dict[int, list[torch.Tensor]] | None = None
 
-
-@contextlib.contextmanager
-def cached_weights() -> Iterator[None]:
-    """Compute each :class:`SplitQLinear`'s quantized path weights once inside the block.
-
-    One optimiser step runs several samples through a layer with the same parameters; the
-    weight side (gather, transform, CWS residual, fake quantization of every full-size weight)
-    is the same for all of them, so it is computed on the first sample and reused (one graph,
-    one backward through it). Used like ``torch.nn.utils.parametrize.cached()``; nesting is
-    allowed (the outermost block owns the cache).
-    """
-    global _WEIGHT_CACHE
-    if _WEIGHT_CACHE is not None:
-        yield
-        return
-    _WEIGHT_CACHE = {}
-    try:
-        yield
-    finally:
-        _WEIGHT_CACHE = None
+def cached_weights():
+    """Compute each :class:`SplitQLinear`'s quantized weights (and branch factors) once per
+    optimiser step inside the block (:func:`splitq_modifier.quant.step_cache`)."""
+    return step_cache()
 
 
 def _quantized_weights(
@@ -198,8 +179,18 @@ class SplitSite(nn.Module):
             return memo[1]
         parts = x.float()[..., self.perm].split(self.sizes, dim=-1)
         out = [t.transform_act(xp) for t, xp in zip(self.transforms, parts)]
-        self._memo = (key, out)
+        self._memo = (key, out, {})
         return out
+
+    def shared(self, x: torch.Tensor, name, fn):
+        """``fn()`` computed once per input ``x`` for all the site's linears (e.g. the
+        quantized activations, the MAC input); call after :meth:`split_act` on ``x``."""
+        memo = self._memo
+        if memo is None or memo[0][0] is not x:
+            return fn()
+        if name not in memo[2]:
+            memo[2][name] = fn()
+        return memo[2][name]
 
     def act_clip(self) -> torch.Tensor:
         """Clipping ratio per path, in (0, 1)."""
@@ -280,37 +271,45 @@ class SplitQLinear(nn.Module):
 
     def quantized_path_weights(self) -> list[torch.Tensor]:
         """Fake-quantized per-path weights, computed once per :func:`cached_weights` block."""
-        cache = _WEIGHT_CACHE
-        if cache is not None and id(self) in cache:
-            return cache[id(self)]
-        ws = self.path_weights(quantize=self.site.quantize)
-        if cache is not None:
-            cache[id(self)] = ws
-        return ws
+        q = self.site.quantize
+        return step_cached((id(self), "weights", q), lambda: self.path_weights(quantize=q))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xs = self.site.split_act(x)
-        xq = self.site.quantize_act(xs)
+        site = self.site
+        xs = site.split_act(x)
+        xq = site.shared(x, "xq", lambda: site.quantize_act(xs))
         ws = self.quantized_path_weights()
         y = sum(a @ w.T for a, w in zip(xq, ws) if a.shape[-1])
         if self.cws is not None:
-            y = y + self.cws(xq[2], quantize=self.site.quantize)
+            y = y + self.cws(xq[2], quantize=site.quantize)
         if self.mac is not None:
-            y = y + self.mac.text_compensation(
-                xs[2], xq[2], self.context, quantize=self.site.quantize
+            mac, q = self.mac, site.quantize
+            u_q = site.shared(
+                x, ("mac", mac.cfg.input, mac.cfg.bits, q), lambda: mac.mac_input(xs[2], xq[2], q)
             )
+            y = y + mac.text_compensation(xs[2], xq[2], self.context, quantize=q, u_q=u_q)
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype)
 
     @torch.no_grad()
-    def freeze(self) -> FrozenLinear:
-        """This linear's integer weights per path, scales, bias and frozen branches."""
+    def freeze(self, hessians: list[torch.Tensor | None] | None = None) -> FrozenLinear:
+        """This linear's integer weights per path, scales, bias and frozen branches.
+
+        :param hessians: per path, the Hessian of the quantized transformed activations the
+            path's weight multiplies; a path with one is rounded with GPTQ
+            (:mod:`splitq_modifier.rounding`), the others to nearest
+        """
         ints, scales = [], []
-        for w, b, c in zip(self.path_weights(False), self.weight_bits, self.w_clip_logit):
-            q, s = quantize_sym(w, b, torch.sigmoid(c))
+        hs = hessians or [None, None, None]
+        for w, b, c, h in zip(self.path_weights(False), self.weight_bits, self.w_clip_logit, hs):
+            if h is not None and w.shape[1]:
+                q, s = gptq_round(w, h, b, torch.sigmoid(c))
+            else:
+                q, s = quantize_sym(w, b, torch.sigmoid(c))
+                s = s.squeeze(1)
             ints.append(q.to(torch.int8))
-            scales.append(s.squeeze(1).float())
+            scales.append(s.float())
         return FrozenLinear(
             weight_int=ints,
             weight_scale=scales,
@@ -356,13 +355,15 @@ def freeze_site(
     linears: list[SplitQLinear],
     names: list[str],
     context: ModalityContext | None = None,
+    hessians: list[torch.Tensor | None] | None = None,
 ) -> list[SplitQSiteLinear]:
     """The runtime modules of a calibrated site: its owner (``names[0]``, storing every
     tensor) and the other members, in the order of ``linears``.
 
     :param names: attribute names of the linears in their common parent
+    :param hessians: per path, the Hessian for GPTQ rounding (see :meth:`SplitQLinear.freeze`)
     """
-    frozen = [q.freeze() for q in linears]
+    frozen = [q.freeze(hessians) for q in linears]
     tensors: dict[str, torch.Tensor] = {
         "perm": site.perm.to(torch.int32),
         "act_clip": site.act_clip().detach().float(),

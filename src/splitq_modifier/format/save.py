@@ -79,8 +79,10 @@ def prepare_model_for_save(model: nn.Module) -> int:
         for n in names:
             m = modules[n]
             m.quantization_scheme = scheme
-            if getattr(m, "quantization_status", None) != QuantizationStatus.COMPRESSED:
-                m.quantization_status = QuantizationStatus.FROZEN
+            # already in their stored form: compress_model(skip_compressed=True) leaves them
+            # alone (under torch.distributed it would otherwise re-create their tensors as
+            # parameters through a broadcast from whichever rank it assigns them to)
+            m.quantization_status = QuantizationStatus.COMPRESSED
     return len(linears)
 
 
