@@ -320,6 +320,22 @@ def test_exact_solvers_agree_with_the_exact_programme(k):
         assert np.all(np.abs(_kmeans3_bnb(data, start).numpy() - exact) <= tol)
 
 
+def test_small_work_chunks_give_the_same_results(monkeypatch):
+    """Chunking (token chunks of the ranks, column chunks of the k-means, slices of the
+    branch-and-bound items) changes nothing: a tiny chunk budget gives identical results."""
+    import splitq_modifier.mocd as mocd
+
+    g = torch.Generator().manual_seed(4)
+    rows = torch.randn(300, 40, generator=g) * torch.exp(torch.randn(40, generator=g))
+    x = _hard_columns(240, 12, seed=7)
+    ranks = percentile_ranks(rows)
+    ref = {k: batched_kmeans_1d(x, k) for k in (2, 3, 4)}
+    monkeypatch.setattr(mocd, "_CHUNK_ELEMS", 1 << 12)  # 102 token rows, 4 columns, 64 items
+    assert torch.equal(percentile_ranks(rows), ranks)
+    for k in (2, 3, 4):
+        torch.testing.assert_close(batched_kmeans_1d(x, k), ref[k], rtol=1e-12, atol=1e-12)
+
+
 def test_wide_site_scores_are_exact_and_planted_channels_selected():
     """At a wider site (d = 2048, 1000 text tokens) the production path gives the exact
     text scores: equal on every channel to the independent exact solver (divide and

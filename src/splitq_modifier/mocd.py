@@ -27,14 +27,19 @@ Choices made here (DESIGN.md marks them "I"/"choose"):
   outlier as a large positive one) and are taken over the channels not yet assigned to the
   vision path (``d - k_v`` channels), so the vision outliers, which may also be large on text
   tokens, do not shift every other channel's rank.
-- Ties within a token get ordinal ranks (stable sort: lower channel index ranks lower), which is
-  deterministic and exact for continuous data.
-- The k-means is batched over all channels at once (no Python loop over channels), see
-  :func:`batched_kmeans_1d`. Plain Lloyd with a quantile start, and sklearn's
-  ``KMeans(n_init=10)`` too, stall in local optima even in 1-D (measured up to ~10% and ~8.5%
-  above the exact optimum on discrete, rank-like data). The batched solver (coarse exact DP
-  start, Lloyd steps, exact joint boundary moves) reaches the exact optimum to rounding on
-  nearly every channel in the tests and is deterministic.
+- Ties within a token get ordinal ranks (as a stable sort orders them: lower channel index
+  ranks lower), which is deterministic and exact for continuous data.
+- The k-means is exact and batched over all channels at once (no Python loop over channels),
+  see :func:`batched_kmeans_1d`: K = 2 by a scan, K = 3 (the default) by a branch and bound
+  over pairs of boundary blocks, K >= 4 by a divide-and-conquer dynamic programme. Plain Lloyd
+  with a quantile start, and sklearn's ``KMeans(n_init=10)`` too, stall in local optima even
+  in 1-D (measured up to ~10% and ~8.5% above the exact optimum on discrete, rank-like data).
+- Speed (``benchmarks/mocd_speed.py``): the selection at d = 18944 with 4096 text rows takes
+  ~15 s of one core of this project's 2-core CPU box where a per-channel sklearn
+  ``KMeans(n_clusters=3, n_init=10)`` loop needs ~1000-1300 s, and the previous near-exact
+  solver (window moves around a coarse DP start) ~95 s.
+- On CPU the two big sorts (ranks within each token, ranks of each channel) go through NumPy,
+  which sorts far faster than ``torch.sort`` there (same result; see :func:`_sort_rows`).
 - Fewer text tokens than clusters (``n <= K``): the k-means would be degenerate (inertia 0
   everywhere), so ``K`` falls back to 1 (rank variance), with a warning.
 - Ties between scores are broken towards the lower channel index (stable sort), so the
@@ -73,8 +78,9 @@ SELECTION_RULES: tuple[str, ...] = (
 )
 
 # Upper bound on the number of elements of one working tensor in the score computation (rank
-# argsort over token chunks, sorted float64 channel chunks in the k-means). 2**24 elements is
-# 128 MiB in float64; it bounds peak memory for wide sites (d ~ 19k) with n = 4096 text rows.
+# sort keys over token chunks, sorted float64 channel chunks and branch-and-bound items in the
+# k-means). 2**24 elements is 128 MiB in 8-byte types; it bounds peak memory for wide sites
+# (d ~ 19k) with n = 4096 text rows (measured: ~2.1 GB peak RSS for the whole benchmark there).
 _CHUNK_ELEMS = 1 << 24
 
 # ---------------------------------------------------------------------------------------------
@@ -702,8 +708,8 @@ def batched_kmeans_1d(values: Tensor, num_clusters: int) -> Tensor:
 
     Returns:
         float64 ``[c]``: the minimum k-means inertia (sum of squared distances to the
-        assigned centroid) of each column, exact to rounding (the search gives up at most
-        ``1e-12`` of the column's total sum of squares).
+        assigned centroid) of each column, exact to rounding (at K = 3 the search may stop
+        within ``1e-12 * (1 + the column's total sum of squares)`` of the optimum).
 
     Why not Lloyd (or sklearn's ``KMeans``): they stall in local optima even in 1-D
     (measured against an exact ``O(K n^2)`` dynamic programme: quantile-initialised Lloyd up
@@ -725,7 +731,8 @@ def batched_kmeans_1d(values: Tensor, num_clusters: int) -> Tensor:
     thread): the branch and bound evaluates about 950 bounds per column, against ``3.4e7``
     segment costs for the ``O(K n^2)`` programme and ``~6e4`` for the divide-and-conquer one
     (which it beats ~4x in time at K = 3). Columns are processed in chunks so each working
-    tensor stays within a few times 2**24 elements; everything runs unchanged on CUDA.
+    tensor stays within a few times 2**24 elements. Only plain torch ops (plus NumPy's sort
+    for CPU tensors), meant to run unchanged on CUDA; not yet run on a GPU.
     """
     if num_clusters < 1:
         raise ValueError(f"num_clusters must be >= 1, got {num_clusters}")
