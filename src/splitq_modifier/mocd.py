@@ -561,11 +561,13 @@ def _descend(
         row, blk_a, blk_b = row.unsqueeze(1).expand_as(ok)[ok], kid_a[ok], kid_b[ok]
 
 
-def _kmeans3_bnb(data: _Sorted1D, upper: Tensor | None = None, tol: float = 1e-12) -> Tensor:
+def _kmeans3_bnb(
+    data: _Sorted1D, upper: Tensor | None = None, tol: float = 1e-12, top: int = 9
+) -> Tensor:
     """Exact minimum 3-means inertia ``[c]`` of each row, by branch and bound.
 
-    Items (row, pair of boundary blocks) start as all pairs of at most 17 equal blocks of
-    the ``n + 1`` boundary positions; each level halves the blocks (:func:`_descend`). An
+    Items (row, pair of boundary blocks) start as all pairs of at most ``top`` equal blocks
+    of the ``n + 1`` boundary positions; each level halves the blocks (:func:`_descend`). An
     item is dropped once its bound (:meth:`_Pairs.lower_bound`) is not below the row's best
     known inertia by ``tol * (1 + total sum of squares)``, so the result is the optimum to
     within that (and rounding). The best known inertia starts at ``upper`` (default: none)
@@ -576,7 +578,7 @@ def _kmeans3_bnb(data: _Sorted1D, upper: Tensor | None = None, tol: float = 1e-1
     c, n = data.c, data.n
     dev = data.xs.device
     size = 1
-    while n // size + 1 > 17:
+    while n // size + 1 > top:
         size *= 2
     blocks = n // size + 1
     pair_a, pair_b = torch.triu_indices(blocks, blocks, device=dev)
