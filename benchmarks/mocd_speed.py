@@ -29,7 +29,7 @@ Prints ratios, never asserts timing. Thread counts: torch and sklearn both get `
 Wall and CPU time (of this process) are both printed: on a shared machine both move with the
 load of other jobs. On an oversubscribed box (more busy threads than cores), more than one
 OpenMP thread is badly slowed by spin-waiting, ours and sklearn's alike (measured on this
-project's 2-core box: the branch and bound 5-15x slower with 2 threads than with 1); setting
+project's 2-core box: the branch and bound 5-30x slower with 2 threads than with 1); setting
 ``OMP_WAIT_POLICY=PASSIVE`` removes most of that.
 """
 
