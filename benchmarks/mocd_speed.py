@@ -156,8 +156,8 @@ def main() -> None:
     )
     print(
         f"planted recovered: vision {got_v}/{args.planted}; text {got_t}/{eligible.numel()} "
-        f"of those not taken by the vision path ({args.planted - eligible.numel()} were: "
-        "their background magnitude on vision tokens is among the top k_v)"
+        f"of those not taken by the vision path (it took {args.planted - eligible.numel()} of "
+        f"the {args.planted}: their background magnitude on vision tokens is in its top k_v)"
     )
     if args.subset <= 0:
         return
