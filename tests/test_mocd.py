@@ -330,7 +330,7 @@ def test_small_work_chunks_give_the_same_results(monkeypatch):
     x = _hard_columns(240, 12, seed=7)
     ranks = percentile_ranks(rows)
     ref = {k: batched_kmeans_1d(x, k) for k in (2, 3, 4)}
-    monkeypatch.setattr(mocd, "_CHUNK_ELEMS", 1 << 12)  # 102 token rows, 4 columns, 64 items
+    monkeypatch.setattr(mocd, "_CHUNK_ELEMS", 1 << 12)  # 102 token rows, 1 column, 64 items
     assert torch.equal(percentile_ranks(rows), ranks)
     for k in (2, 3, 4):
         torch.testing.assert_close(batched_kmeans_1d(x, k), ref[k], rtol=1e-12, atol=1e-12)
@@ -403,6 +403,7 @@ def test_percentile_ranks_ties_follow_a_stable_sort():
 
 
 def test_sort_rows_matches_torch_sort():
+    """The CPU sort (NumPy) gives torch.sort's values, NaN last, for the dtypes used."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(6, 257, generator=g)
     x[0, 3] = float("nan")
