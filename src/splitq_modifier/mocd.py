@@ -34,10 +34,12 @@ Choices made here (DESIGN.md marks them "I"/"choose"):
   over pairs of boundary blocks, K >= 4 by a divide-and-conquer dynamic programme. Plain Lloyd
   with a quantile start, and sklearn's ``KMeans(n_init=10)`` too, stall in local optima even
   in 1-D (measured up to ~10% and ~8.5% above the exact optimum on discrete, rank-like data).
-- Speed (``benchmarks/mocd_speed.py``): the selection at d = 18944 with 4096 text rows takes
-  ~15 s of one core of this project's 2-core CPU box where a per-channel sklearn
-  ``KMeans(n_clusters=3, n_init=10)`` loop needs ~1000-1300 s, and the previous near-exact
-  solver (window moves around a coarse DP start) ~95 s.
+- Speed, measured on this project's shared 2-core CPU box with one torch thread (load from
+  other jobs makes wall times vary 1-4x; CPU times vary less): the MOCD selection at
+  d = 18944 with 4096 text rows takes 7-10 s of CPU (7-34 s wall); the previous near-exact
+  solver (window moves around a coarse DP start) took 95 s of CPU (146 s wall) for the same
+  selection; a per-channel sklearn ``KMeans(n_clusters=3, n_init=10)`` loop on the same
+  ranks extrapolates to 390-430 s of CPU (770-880 s wall), see ``benchmarks/mocd_speed.py``.
 - On CPU the two big sorts (ranks within each token, ranks of each channel) go through NumPy,
   which sorts far faster than ``torch.sort`` there (same result; see :func:`_sort_rows`).
 - Fewer text tokens than clusters (``n <= K``): the k-means would be degenerate (inertia 0
