@@ -17,6 +17,10 @@ from loguru import logger
 from splitq_modifier.mocd import (
     SELECTION_RULES,
     ChannelStats,
+    _kmeans3_bnb,
+    _kmeans_dc,
+    _sort_rows,
+    _Sorted1D,
     batched_kmeans_1d,
     jaccard,
     percentile_ranks,
@@ -293,6 +297,80 @@ def test_kmeans_edge_cases():
         batched_kmeans_1d(x, 0)
 
 
+def _sorted_centred(x: torch.Tensor) -> _Sorted1D:
+    """The solvers' input for the columns of ``x`` [n, c]."""
+    xs = torch.sort(x.t().double(), dim=1).values
+    return _Sorted1D((xs - xs.mean(dim=1, keepdim=True)).contiguous())
+
+
+@pytest.mark.parametrize("k", [3, 4, 5])
+def test_exact_solvers_agree_with_the_exact_programme(k):
+    """The two exact solvers behind batched_kmeans_1d, the branch and bound (K = 3) and the
+    divide-and-conquer programme (K >= 4), each equal the O(K n^2) programme on hard
+    columns; the branch and bound also from a known partition as its start."""
+    x = _hard_columns(240, 36, seed=20 + k)
+    data = _sorted_centred(x)
+    exact = np.array([exact_kmeans_1d(x[:, j].numpy(), k) for j in range(x.shape[1])])
+    total = ((x.double() - x.double().mean(0)) ** 2).sum(0).numpy()
+    tol = 1e-9 * exact + 1e-10 * total
+    assert np.all(np.abs(_kmeans_dc(data, k).numpy() - exact) <= tol)
+    if k == 3:
+        assert np.all(np.abs(_kmeans3_bnb(data).numpy() - exact) <= tol)
+        start = data.cost(torch.tensor([0, 80, 160, 240]).expand(36, -1).contiguous())
+        assert np.all(np.abs(_kmeans3_bnb(data, start).numpy() - exact) <= tol)
+
+
+def test_small_work_chunks_give_the_same_results(monkeypatch):
+    """Chunking (token chunks of the ranks, column chunks of the k-means, slices of the
+    branch-and-bound items) changes nothing: a tiny chunk budget gives identical results."""
+    import splitq_modifier.mocd as mocd
+
+    g = torch.Generator().manual_seed(4)
+    rows = torch.randn(300, 40, generator=g) * torch.exp(torch.randn(40, generator=g))
+    x = _hard_columns(240, 12, seed=7)
+    ranks = percentile_ranks(rows)
+    ref = {k: batched_kmeans_1d(x, k) for k in (2, 3, 4)}
+    monkeypatch.setattr(mocd, "_CHUNK_ELEMS", 1 << 12)  # 102 token rows, 1 column, 64 items
+    assert torch.equal(percentile_ranks(rows), ranks)
+    for k in (2, 3, 4):
+        torch.testing.assert_close(batched_kmeans_1d(x, k), ref[k], rtol=1e-12, atol=1e-12)
+
+
+def test_wide_site_scores_are_exact_and_planted_channels_selected():
+    """At a wider site (d = 2048, 1000 text tokens) the production path gives the exact
+    text scores: equal on every channel to the independent exact solver (divide and
+    conquer), and to the O(K n^2) programme on the planted channels, the 10 channels around
+    the selection cut and 5 random ones; the selection is the exact top-k_t and contains
+    the planted channels."""
+    x, vm, tm, vc, tc = planted_activations(seed=2, d=2048, n_vis=256, n_txt=1000)
+    st = stats_from(x, vm, tm)
+    vis, txt, main = select_channels(st, "mocd", 0.02, 0.02)
+    check_partition(2048, vis, txt, main)
+    assert set(vc.tolist()) <= set(vis.tolist())
+    assert set(tc.tolist()) <= set(txt.tolist())
+
+    score = text_instability_score(st.text_rows, 3, exclude=vis)
+    kept = torch.nonzero(~torch.isneginf(score)).flatten()
+    ranks = percentile_ranks(st.text_rows[:, kept])
+    ref = torch.full_like(score, float("-inf"))
+    ref[kept] = (_kmeans_dc(_sorted_centred(ranks), 3) / 1000).float()
+    torch.testing.assert_close(score, ref, rtol=1e-6, atol=1e-9)
+    k_t = txt.numel()
+    assert torch.equal(
+        txt, torch.sort(torch.sort(ref, descending=True, stable=True).indices[:k_t]).values
+    )
+
+    order = torch.sort(score, descending=True, stable=True).indices
+    g = torch.Generator().manual_seed(0)
+    pick = torch.cat(
+        [tc, order[k_t - 5 : k_t + 5], kept[torch.randperm(kept.numel(), generator=g)[:5]]]
+    )
+    for j in torch.unique(pick).tolist():
+        col = int(torch.searchsorted(kept, j))
+        exact = exact_kmeans_1d(ranks[:, col].numpy(), 3) / 1000
+        assert score[j].item() == pytest.approx(exact, rel=1e-6, abs=1e-9)
+
+
 # ---------------------------------------------------------------------------------------------
 # percentile ranks / text score
 # ---------------------------------------------------------------------------------------------
@@ -307,6 +385,33 @@ def test_percentile_ranks_are_scale_insensitive_permutations():
     assert torch.equal(torch.sort(r, dim=1).values, expect.expand(50, 33))
     scaled = rows * torch.rand(50, 1, generator=g).mul(1e3)  # per-token scale
     assert torch.equal(percentile_ranks(-scaled), r)  # |x|, scale-free
+
+
+def test_percentile_ranks_ties_follow_a_stable_sort():
+    """Ranks come from one sort of distinct keys; ties (bf16-rounded values, zeros of either
+    sign), inf and NaN are ordered exactly as a stable argsort of |x| orders them."""
+    g = torch.Generator().manual_seed(2)
+    rows = torch.randn(64, 300, generator=g).bfloat16().float()
+    rows[:, ::7] = 0.0
+    rows[::5, 3] = -0.0
+    rows[1, 4] = float("nan")
+    rows[2, 5] = float("inf")
+    ref = torch.empty_like(rows)
+    order = torch.sort(rows.abs(), dim=1, stable=True).indices
+    ref.scatter_(1, order, (torch.arange(300, dtype=torch.float32) / 299).expand(64, 300))
+    assert torch.equal(percentile_ranks(rows), ref)
+
+
+def test_sort_rows_matches_torch_sort():
+    """The CPU sort (NumPy) gives torch.sort's values, NaN last, for the dtypes used."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 257, generator=g)
+    x[0, 3] = float("nan")
+    x[1, :10] = 0.0
+    for t in (x, x.double(), x.bfloat16(), torch.randint(-50, 50, (6, 257), generator=g)):
+        ours = _sort_rows(t)
+        ref = torch.sort(t, dim=1).values
+        torch.testing.assert_close(ours, ref.to(ours.dtype), rtol=0, atol=0, equal_nan=True)
 
 
 def test_text_score_exclusion_changes_rank_denominator():

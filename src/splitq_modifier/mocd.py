@@ -27,14 +27,21 @@ Choices made here (DESIGN.md marks them "I"/"choose"):
   outlier as a large positive one) and are taken over the channels not yet assigned to the
   vision path (``d - k_v`` channels), so the vision outliers, which may also be large on text
   tokens, do not shift every other channel's rank.
-- Ties within a token get ordinal ranks (stable sort: lower channel index ranks lower), which is
-  deterministic and exact for continuous data.
-- The k-means is batched over all channels at once (no Python loop over channels), see
-  :func:`batched_kmeans_1d`. Plain Lloyd with a quantile start, and sklearn's
-  ``KMeans(n_init=10)`` too, stall in local optima even in 1-D (measured up to ~10% and ~8.5%
-  above the exact optimum on discrete, rank-like data). The batched solver (coarse exact DP
-  start, Lloyd steps, exact joint boundary moves) reaches the exact optimum to rounding on
-  nearly every channel in the tests and is deterministic.
+- Ties within a token get ordinal ranks (as a stable sort orders them: lower channel index
+  ranks lower), which is deterministic and exact for continuous data.
+- The k-means is exact and batched over all channels at once (no Python loop over channels),
+  see :func:`batched_kmeans_1d`: K = 2 by a scan, K = 3 (the default) by a branch and bound
+  over pairs of boundary blocks, K >= 4 by a divide-and-conquer dynamic programme. Plain Lloyd
+  with a quantile start, and sklearn's ``KMeans(n_init=10)`` too, stall in local optima even
+  in 1-D (measured up to ~10% and ~8.5% above the exact optimum on discrete, rank-like data).
+- Speed, measured on this project's shared 2-core CPU box with one torch thread (load from
+  other jobs makes wall times vary 1-4x; CPU times vary less): the MOCD selection at
+  d = 18944 with 4096 text rows takes 7-10 s of CPU (7-34 s wall); the previous near-exact
+  solver (window moves around a coarse DP start) took 95 s of CPU (146 s wall) for the same
+  selection; a per-channel sklearn ``KMeans(n_clusters=3, n_init=10)`` loop on the same
+  ranks extrapolates to 390-430 s of CPU (770-880 s wall), see ``benchmarks/mocd_speed.py``.
+- On CPU the two big sorts (ranks within each token, ranks of each channel) go through NumPy,
+  which sorts far faster than ``torch.sort`` there (same result; see :func:`_sort_rows`).
 - Fewer text tokens than clusters (``n <= K``): the k-means would be degenerate (inertia 0
   everywhere), so ``K`` falls back to 1 (rank variance), with a warning.
 - Ties between scores are broken towards the lower channel index (stable sort), so the
@@ -43,6 +50,7 @@ Choices made here (DESIGN.md marks them "I"/"choose"):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -72,8 +80,9 @@ SELECTION_RULES: tuple[str, ...] = (
 )
 
 # Upper bound on the number of elements of one working tensor in the score computation (rank
-# argsort over token chunks, sorted float64 channel chunks in the k-means). 2**24 elements is
-# 128 MiB in float64; it bounds peak memory for wide sites (d ~ 19k) with n = 4096 text rows.
+# sort keys over token chunks, sorted float64 channel chunks and branch-and-bound items in the
+# k-means). 2**24 elements is 128 MiB in 8-byte types; it bounds peak memory for wide sites
+# (d ~ 19k) with n = 4096 text rows (measured: ~2.1 GB peak RSS for the whole benchmark there).
 _CHUNK_ELEMS = 1 << 24
 
 # ---------------------------------------------------------------------------------------------
@@ -341,6 +350,22 @@ class ChannelStats:
 # ---------------------------------------------------------------------------------------------
 
 
+def _sort_rows(t: Tensor) -> Tensor:
+    """The values of ``t`` ``[r, m]`` sorted ascending along dim 1 (NaN last).
+
+    On CPU through NumPy's sort: the same values (a sort has one result), and its SIMD
+    quicksort is far faster than ``torch.sort`` on CPU (measured on this project's 2-core
+    AVX-512 box, one thread: 1024 x 4096 float32 rows 0.014 s vs 0.33 s; 512 x 18944 int64
+    rows 0.15 s vs 0.71 s). Elsewhere (CUDA) ``torch.sort``.
+    """
+    if t.device.type != "cpu":
+        return torch.sort(t, dim=1).values
+    a = t.detach().contiguous()
+    if a.dtype == torch.bfloat16:  # NumPy has no bfloat16; float32 holds it exactly
+        a = a.float()
+    return torch.from_numpy(np.sort(a.numpy(), axis=1))
+
+
 def percentile_ranks(rows: Tensor) -> Tensor:
     """Per-row percentile rank of ``|x|``: ``rank / (d - 1)`` in [0, 1].
 
@@ -348,28 +373,37 @@ def percentile_ranks(rows: Tensor) -> Tensor:
         rows: ``[n, d]`` activations.
 
     Returns:
-        float32 ``[n, d]``; ordinal ranks (stable sort, ties: lower column ranks lower). With
-        ``d == 1`` every rank is 0.
+        float32 ``[n, d]``; ordinal ranks (ties: lower column ranks lower, as a stable sort
+        orders them; NaN ranks above everything). With ``d == 1`` every rank is 0.
+
+    The order comes from one plain sort of int64 keys ``(bits of |x| as float32) << s |
+    column`` (the bit pattern of a non-negative float orders like its value; clearing the
+    sign bit is ``|x|``), which makes the keys distinct and so gives exactly the stable order
+    without a stable argsort (on CPU ~7x faster, see :func:`_sort_rows`).
     """
     n, d = rows.shape
-    out = torch.empty(n, d, dtype=torch.float32, device=rows.device)
+    dev = rows.device
+    out = torch.empty(n, d, dtype=torch.float32, device=dev)
     if n == 0:
         return out
     denom = float(max(d - 1, 1))
-    ar = torch.arange(d, device=rows.device, dtype=torch.float32).div_(denom)
+    ar = torch.arange(d, device=dev, dtype=torch.float32).div_(denom)
+    shift = max(d - 1, 1).bit_length()
+    col = torch.arange(d, device=dev, dtype=torch.int64)
     step = max(1, _CHUNK_ELEMS // max(d, 1))
     for s in range(0, n, step):
-        a = rows[s : s + step].abs().float()
-        order = torch.sort(a, dim=1, stable=True).indices
-        out[s : s + step].scatter_(1, order, ar.expand(a.shape[0], d))
+        keys = rows[s : s + step].float().contiguous().view(torch.int32).to(torch.int64)
+        keys.bitwise_and_(0x7FFFFFFF).bitwise_left_shift_(shift).bitwise_or_(col)  # |x| bits
+        order = _sort_rows(keys).to(dev).bitwise_and_((1 << shift) - 1)
+        out[s : s + step].scatter_(1, order, ar.expand(keys.shape[0], d))
     return out
 
 
 class _Sorted1D:
     """Per-row sorted, centred 1-D data with prefix sums, for O(1) segment costs.
 
-    A K-clustering of sorted 1-D data is a partition into K contiguous segments (the optimal
-    one and every Lloyd fixed point are), held as ``bounds`` ``[c, K+1]``: positions
+    A K-clustering of sorted 1-D data can be taken to be a partition into K contiguous
+    segments (the optimal one is), held as ``bounds`` ``[c, K+1]``: positions
     ``0 = b_0 <= b_1 <= ... <= b_K = n``; segment ``i`` is ``xs[:, b_i:b_{i+1}]``.
     """
 
@@ -377,9 +411,12 @@ class _Sorted1D:
         self.xs = xs  # [c, n] float64, sorted per row, centred
         c, n = xs.shape
         self.c, self.n = c, n
-        zero = torch.zeros(c, 1, dtype=xs.dtype, device=xs.device)
-        self.p1 = torch.cat([zero, xs.cumsum(dim=1)], dim=1)  # [c, n+1]
-        self.p2 = torch.cat([zero, (xs * xs).cumsum(dim=1)], dim=1)
+        # prefix sums of x and x^2 side by side ([c, n+1, 2]; p1 and p2 are views of it)
+        self.pp = torch.zeros(c, n + 1, 2, dtype=xs.dtype, device=xs.device)
+        torch.cumsum(xs, dim=1, out=self.pp[:, 1:, 0])
+        torch.cumsum(xs * xs, dim=1, out=self.pp[:, 1:, 1])
+        self.p1 = self.pp[..., 0]  # [c, n+1]
+        self.p2 = self.pp[..., 1]
 
     def seg_cost(self, lo: Tensor, hi: Tensor) -> Tensor:
         """Sum of squared deviations from the mean over ``xs[r, lo:hi]`` (same-shape lo/hi)."""
@@ -392,223 +429,337 @@ class _Sorted1D:
         """Inertia of the partition ``bounds`` (centroids = segment means), ``[c]``."""
         return self.seg_cost(bounds[:, :-1], bounds[:, 1:]).sum(dim=1)
 
-    def means(self, bounds: Tensor) -> Tensor:
-        """Segment means ``[c, K]`` (non-decreasing); an empty segment takes the value at its
-        position."""
-        lo, hi = bounds[:, :-1], bounds[:, 1:]
-        s1 = self.p1.gather(1, hi) - self.p1.gather(1, lo)
-        cnt = (hi - lo).to(self.xs.dtype)
-        at = self.xs.gather(1, lo.clamp(max=self.n - 1))
-        return torch.where(cnt > 0, s1 / cnt.clamp_min(1), at)
 
-    def assign(self, cent: Tensor) -> Tensor:
-        """Nearest-centroid partition of sorted data for sorted centroids ``[c, K]``."""
-        mids = (0.5 * (cent[:, 1:] + cent[:, :-1])).contiguous()
-        inner = torch.searchsorted(self.xs, mids, right=True)
-        zeros = torch.zeros(self.c, 1, dtype=torch.long, device=self.xs.device)
-        full = torch.full((self.c, 1), self.n, dtype=torch.long, device=self.xs.device)
-        return torch.cat([zeros, inner, full], dim=1)
-
-    def lloyd(self, bounds: Tensor, iters: int) -> Tensor:
-        """Lloyd iterations from a partition until no assignment changes (or ``iters``)."""
-        for _ in range(iters):
-            cent = torch.sort(self.means(bounds), dim=1).values
-            new = self.assign(cent)
-            # Accept only where the inertia does not increase (it never should; guards ties).
-            better = self.cost(new) <= self.cost(bounds)
-            new = torch.where(better.unsqueeze(1), new, bounds)
-            if torch.equal(new, bounds):
-                break
-            bounds = new
-        return bounds
-
-    def subset(self, rows: Tensor) -> _Sorted1D:
-        """The same structure for a subset of rows."""
-        return _Sorted1D(self.xs[rows])
+# -- K = 3: branch and bound over pairs of boundary blocks --------------------------------------
 
 
-def _dp_bounds(data: _Sorted1D, edges: Tensor, k: int) -> Tensor:
-    """Optimal K-partition whose boundaries are restricted to candidate positions ``edges``.
+def _ss(s1: Tensor, s2: Tensor, cnt: Tensor) -> Tensor:
+    """Sum of squares about the mean from a segment's sum, sum of squares and size."""
+    return (s2 - s1 * s1 / cnt.clamp_min(1)).clamp_min_(0)
 
-    ``edges`` ``[c, E]``: sorted positions into the data, starting with 0 and ending with
-    ``n`` (duplicates are harmless: empty segments cost 0). Exact dynamic programme,
-    ``O(K E^2)`` per row, batched over rows. Returns bounds ``[c, K+1]``.
+
+def _gap2(lo: Tensor, hi: Tensor, c_lo: Tensor, c_hi: Tensor) -> Tensor:
+    """Squared distance between the intervals ``[lo, hi]`` and ``[c_lo, c_hi]`` (0 if they
+    meet; ``c_lo = -inf, c_hi = +inf`` gives 0)."""
+    g = torch.maximum(c_lo - hi, lo - c_hi).clamp_min_(0)
+    return g.mul_(g)
+
+
+class _Pairs:
+    """Flat lookup tables of a :class:`_Sorted1D` for the K = 3 branch and bound, whose items
+    are (row, first boundary block ``A``, second boundary block ``B``), ``A <= B``, as three
+    int64 ``[M]`` tensors. Tables: the prefix sums ``[c * (n+1), 2]`` (one ``index_select``
+    fetches both moments), the data ``[c * n]``, the row totals ``[c, 2]``."""
+
+    def __init__(self, data: _Sorted1D) -> None:
+        self.n = data.n
+        self.pp = data.pp.view(-1, 2)
+        self.tot = data.pp[:, -1].contiguous()
+        self.xs = data.xs.reshape(-1)
+
+    def cost(self, row: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        """Inertia ``[M]`` of the partitions ``[0, a), [a, b), [b, n)`` (``a <= b``)."""
+        n, m = self.n, row.numel()
+        base = row * (n + 1)
+        q = self.pp.index_select(0, torch.cat([base + a, base + b]))
+        tot = self.tot.index_select(0, row)
+        fa, fb = a.to(q.dtype), b.to(q.dtype)
+        qa, qb = q[:m], q[m:]
+        out = _ss(qa[:, 0], qa[:, 1], fa)
+        out += _ss(qb[:, 0] - qa[:, 0], qb[:, 1] - qa[:, 1], fb - fa)
+        out += _ss(tot[:, 0] - qb[:, 0], tot[:, 1] - qb[:, 1], n - fb)
+        return out
+
+    def lower_bound(self, row: Tensor, blk_a: Tensor, blk_b: Tensor, size: int) -> Tensor:
+        """Lower bound ``[M]`` on the inertia of every partition ``[0, a), [a, b), [b, n)``
+        with ``a`` in ``[a0, a1]``, ``b`` in ``[b0, b1]``: ``a0 = A * size``, ``a1 =
+        min(a0 + size - 1, n)``, likewise for ``b``. Every such partition has
+
+        - the points ``[0, a0)``, ``[a1, b0)``, ``[b1, n)`` (the *cores*) in segments 0, 1, 2,
+          costing at least their own sums of squares about their own means;
+        - each point of block ``[a0, a1)`` in segment 0 or 1 and each point of ``[b0, b1)``
+          in segment 1 or 2, while the mean of segment ``j`` lies between the means of the
+          segment with both ends at their lowest and at their highest (the mean of a window
+          of sorted data grows with either end); such a point costs at least the squared
+          distance from its block's value range to the nearer of the two mean ranges.
+
+        Where a segment may be empty its mean range is unbounded (only weakens the bound).
+        With ``size == 1`` the bound is the inertia itself.
+        """
+        n = self.n
+        a0, b0 = blk_a * size, blk_b * size
+        if size == 1:
+            return self.cost(row, a0, b0)
+        a1 = (a0 + (size - 1)).clamp_(max=n)
+        b1 = (b0 + (size - 1)).clamp_(max=n)
+        ends = torch.stack([a0, a1, b0, b1])  # [4, M]
+        q = self.pp.index_select(0, (ends + row * (n + 1)).view(-1)).view(4, -1, 2)
+        q1, q2 = q[..., 0], q[..., 1]
+        tot = self.tot.index_select(0, row)
+        t1, t2 = tot[:, 0], tot[:, 1]
+        fa0, fa1, fb0, fb1 = ends.to(q.dtype)
+        n0, n1, n2 = fa0, fb0 - fa1, n - fb1  # core sizes
+        s0, s1, s2 = n0 > 0, n1 > 0, n2 > 0  # the segment is certainly not empty
+        bound = _ss(q1[0], q2[0], n0)
+        bound += torch.where(s1, _ss(q1[2] - q1[1], q2[2] - q2[1], n1), 0.0)
+        bound += _ss(t1 - q1[3], t2 - q2[3], n2)
+        inf = float("inf")
+        m0_lo = torch.where(s0, q1[0] / fa0.clamp_min(1), -inf)
+        m0_hi = torch.where(s0, q1[1] / fa1.clamp_min(1), inf)
+        m1_lo = torch.where(s1, (q1[2] - q1[0]) / (fb0 - fa0).clamp_min(1), -inf)
+        m1_hi = torch.where(s1, (q1[3] - q1[1]) / (fb1 - fa1).clamp_min(1), inf)
+        m2_lo = torch.where(s2, (t1 - q1[2]) / (n - fb0).clamp_min(1), -inf)
+        m2_hi = torch.where(s2, (t1 - q1[3]) / (n - fb1).clamp_min(1), inf)
+        xi = torch.stack([a0, a1 - 1, b0, b1 - 1]).clamp_(0, n - 1).add_(row * n)
+        x = self.xs.take(xi)  # [4, M]: lowest and highest value of each block
+        tent_a = torch.minimum(_gap2(x[0], x[1], m0_lo, m0_hi), _gap2(x[0], x[1], m1_lo, m1_hi))
+        tent_b = torch.minimum(_gap2(x[2], x[3], m1_lo, m1_hi), _gap2(x[2], x[3], m2_lo, m2_hi))
+        return bound.add_(tent_a.mul_(fa1 - fa0)).add_(tent_b.mul_(fb1 - fb0))
+
+
+def _descend(
+    tables: _Pairs,
+    row: Tensor,
+    blk_a: Tensor,
+    blk_b: Tensor,
+    size: int,
+    best: Tensor,
+    slack: Tensor,
+    cap: int,
+) -> None:
+    """Branch and bound from items ``(row, blk_a, blk_b)`` at block size ``size`` (a power of
+    two) down to size 1, lowering ``best`` ``[c]`` in place.
+
+    An item is kept only while its lower bound is below ``best[row] - slack[row]``; ``best``
+    also takes the inertia of the partition at each surviving item's block centres. Each
+    survivor is halved into its (up to) four children. More than ``cap`` items are finished
+    in slices (depth first), which bounds the working set.
     """
-    c, e = edges.shape
-    dev = edges.device
-    a_idx = edges.unsqueeze(2).expand(c, e, e).reshape(c, -1)
-    b_idx = edges.unsqueeze(1).expand(c, e, e).reshape(c, -1)
-    cost = data.seg_cost(torch.minimum(a_idx, b_idx), b_idx).view(c, e, e)  # [c, a, b]
-    upper = torch.ones(e, e, dtype=torch.bool, device=dev).triu()
-    cost = cost.masked_fill(~upper, float("inf"))  # a <= b only
-    best = cost[:, 0, :]  # one segment over edges 0..b
-    back = []
-    for _ in range(k - 1):
-        best, arg = (best.unsqueeze(2) + cost).min(dim=1)
-        back.append(arg)
-    cuts = [torch.full((c, 1), e - 1, dtype=torch.long, device=dev)]
-    for arg in reversed(back):
-        cuts.append(arg.gather(1, cuts[-1]))
-    cuts.append(torch.zeros(c, 1, dtype=torch.long, device=dev))
-    return edges.gather(1, torch.cat(cuts[::-1], dim=1))  # [c, K+1]
+    n = tables.n
+    while row.numel() > 0:
+        if row.numel() > cap:
+            for s in range(0, row.numel(), cap):
+                sl = slice(s, s + cap)
+                _descend(tables, row[sl], blk_a[sl], blk_b[sl], size, best, slack, cap)
+            return
+        lb = tables.lower_bound(row, blk_a, blk_b, size)
+        keep = torch.nonzero(lb < (best - slack).take(row)).flatten()
+        row, blk_a, blk_b, lb = (t.take(keep) for t in (row, blk_a, blk_b, lb))
+        if size == 1:  # the bound is the inertia: these partitions beat the best known
+            best.scatter_reduce_(0, row, lb, "amin")
+            return
+        if row.numel() == 0:
+            return
+        half = size // 2
+        ca = (blk_a * size + half).clamp_(max=n)
+        cb = torch.maximum((blk_b * size + half).clamp_(max=n), ca)
+        best.scatter_reduce_(0, row, tables.cost(row, ca, cb), "amin")
+        keep = torch.nonzero(lb < (best - slack).take(row)).flatten()
+        row, blk_a, blk_b = (t.take(keep) for t in (row, blk_a, blk_b))
+        size = half
+        kid_a = (2 * blk_a).unsqueeze(1) + torch.tensor([0, 0, 1, 1], device=row.device)
+        kid_b = (2 * blk_b).unsqueeze(1) + torch.tensor([0, 1, 0, 1], device=row.device)
+        ok = (kid_a <= kid_b) & (kid_b * size <= n)
+        row, blk_a, blk_b = row.unsqueeze(1).expand_as(ok)[ok], kid_a[ok], kid_b[ok]
 
 
-def _coarse_edges(data: _Sorted1D, bins: int) -> Tensor:
-    """About ``bins`` candidate boundaries: equal-width edges (resolve gaps between groups of
-    values) merged with equal-count edges (resolve dense regions and tails), ``[c, E]``."""
-    xs, c, n = data.xs, data.c, data.n
-    dev = xs.device
-    half = max(bins // 2, 1)
-    lo, hi = xs[:, :1], xs[:, -1:]
-    frac = torch.arange(1, half, dtype=xs.dtype, device=dev) / half
-    width_pos = torch.searchsorted(xs, (lo + (hi - lo) * frac.unsqueeze(0)).contiguous())
-    count_pos = (frac * n).long().unsqueeze(0).expand(c, -1)
-    ends = torch.tensor([0, n], dtype=torch.long, device=dev).unsqueeze(0).expand(c, -1)
-    return torch.sort(torch.cat([ends, width_pos, count_pos], dim=1), dim=1).values
+def _kmeans3_bnb(
+    data: _Sorted1D, upper: Tensor | None = None, tol: float = 1e-12, top: int = 9
+) -> Tensor:
+    """Exact minimum 3-means inertia ``[c]`` of each row, by branch and bound.
 
-
-def _window_dp_bounds(data: _Sorted1D, bounds: Tensor, w: int, stride: int = 1) -> Tensor:
-    """Best partition with every inner boundary moved by ``stride * j``, ``|j| <= w``.
-
-    Exact chain dynamic programme over the K-1 windows (``O(K w^2)`` per row, batched): a
-    joint move of all boundaries, which escapes the local optima of one-boundary moves. The
-    current partition is a candidate, so the result is never worse. Returns ``[c, K+1]``.
+    Items (row, pair of boundary blocks) start as all pairs of at most ``top`` equal blocks
+    of the ``n + 1`` boundary positions; each level halves the blocks (:func:`_descend`). An
+    item is dropped once its bound (:meth:`_Pairs.lower_bound`) is not below the row's best
+    known inertia by ``tol * (1 + total sum of squares)``, so the result is the optimum to
+    within that (and rounding). The best known inertia starts at ``upper`` (default: none)
+    and improves with the partitions at the surviving blocks' centres; at block size 1 the
+    bound is the inertia. Measured: a start from Lloyd on a coarse DP partition made it no
+    faster, the centres find a good partition within the first levels.
     """
     c, n = data.c, data.n
-    dev = bounds.device
-    k = bounds.shape[1] - 1
-    off = torch.arange(-w, w + 1, device=dev) * stride
-    win = (bounds[:, 1:-1].unsqueeze(2) + off).clamp(0, n)  # [c, K-1, W] candidate positions
-    nw = win.shape[2]
-    zeros = torch.zeros(c, nw, dtype=torch.long, device=dev)
-    best = data.seg_cost(zeros, win[:, 0])  # [c, W]: first segment ends at candidate x
-    back = []
-    for i in range(1, k - 1):
-        x = win[:, i - 1].unsqueeze(2).expand(c, nw, nw)  # previous boundary
-        y = win[:, i].unsqueeze(1).expand(c, nw, nw)  # this boundary
-        step = data.seg_cost(torch.minimum(x, y).reshape(c, -1), y.reshape(c, -1)).view(c, nw, nw)
-        step = step.masked_fill(x > y, float("inf"))
-        best, arg = (best.unsqueeze(2) + step).min(dim=1)  # over previous boundary
-        back.append(arg)
-    last = win[:, -1]
-    total = best + data.seg_cost(last, torch.full_like(last, n))
-    j = total.argmin(dim=1, keepdim=True)  # [c, 1] index into the last window
-    picks = [j]
-    for arg in reversed(back):
-        picks.append(arg.gather(1, picks[-1]))
-    idx = torch.cat(picks[::-1], dim=1)  # [c, K-1] window indices, first to last boundary
-    inner = win.gather(2, idx.unsqueeze(2)).squeeze(2)
-    return torch.cat([bounds[:, :1], inner, bounds[:, -1:]], dim=1)
-
-
-def _kmeans_sorted(
-    data: _Sorted1D, k: int, iters: int, bins: int, window: int, kicks: int
-) -> Tensor:
-    """Inertia ``[c]`` of a (near-)optimal K-partition of each row of ``data`` (``k >= 2``).
-
-    Two starts (coarse DP optimum, equal-count segments), each refined by Lloyd and kicks;
-    the lower inertia per row wins.
-    """
-    strides = [1]
-    while strides[-1] * 4 * window < data.n:
-        strides.append(strides[-1] * 4)
-    strides.reverse()  # coarse moves first
-    eq = (torch.arange(k + 1, device=data.xs.device) * data.n) // k
-    starts = [
-        _dp_bounds(data, _coarse_edges(data, bins), k),
-        eq.unsqueeze(0).expand(data.c, -1).contiguous(),
-    ]
-    best = None
-    for b in starts:
-        b = data.lloyd(b, iters)
-        cost = data.cost(b)
-        active = torch.arange(data.c, device=b.device)
-        for _ in range(kicks):
-            improved = torch.zeros(data.c, dtype=torch.bool, device=b.device)
-            sub = data if active.numel() == data.c else data.subset(active)
-            for stride in strides:
-                kb = sub.lloyd(_window_dp_bounds(sub, b[active], window, stride), iters)
-                kc = sub.cost(kb)
-                better = kc < cost[active] - 1e-12 * (1.0 + cost[active].abs())
-                rows = active[better]
-                b[rows] = kb[better]
-                cost[rows] = kc[better]
-                improved[rows] = True
-            if not bool(improved.any()):
-                break
-            active = torch.nonzero(improved).flatten()
-        cent = torch.sort(data.means(b), dim=1).values
-        cost = torch.minimum(cost, data.cost(data.assign(cent)))
-        best = cost if best is None else torch.minimum(best, cost)
+    dev = data.xs.device
+    size = 1
+    while n // size + 1 > top:
+        size *= 2
+    blocks = n // size + 1
+    pair_a, pair_b = torch.triu_indices(blocks, blocks, device=dev)
+    row = torch.arange(c, device=dev).repeat_interleave(pair_a.numel())
+    if upper is None:
+        best = torch.full((c,), float("inf"), dtype=data.xs.dtype, device=dev)
+    else:
+        best = upper.to(data.xs.dtype).clone()
+    slack = tol * (1.0 + data.p2[:, -1])
+    cap = max(1, _CHUNK_ELEMS // 64)
+    _descend(_Pairs(data), row, pair_a.repeat(c), pair_b.repeat(c), size, best, slack, cap)
     return best
 
 
-def batched_kmeans_1d(
-    values: Tensor,
-    num_clusters: int,
-    iters: int = 50,
-    bins: int = 64,
-    window: int = 32,
-    max_kicks: int = 4,
-) -> Tensor:
-    """1-D k-means on many independent series at once (batched over series, no Python loop).
+# -- K >= 4: dynamic programme with divide-and-conquer layers -----------------------------------
+
+
+@functools.lru_cache(maxsize=16)
+def _dc_schedule(n: int) -> tuple[tuple[Tensor, Tensor, Tensor], ...]:
+    """Breadth-first divide-and-conquer order of the rows ``0..n`` of one DP layer: per level
+    ``(rows, left, right)`` with ``left``/``right`` the neighbouring rows already solved,
+    shifted by one (0 and ``n + 2`` are sentinels), int64 on CPU."""
+    levels = []
+    cur = [(0, n, -1, n + 1)]
+    while cur:
+        rows, left, right, nxt = [], [], [], []
+        for lo, hi, lft, rgt in cur:
+            mid = (lo + hi) // 2
+            rows.append(mid)
+            left.append(lft + 1)
+            right.append(rgt + 1)
+            if lo < mid:
+                nxt.append((lo, mid - 1, lft, mid))
+            if mid < hi:
+                nxt.append((mid + 1, hi, mid, rgt))
+        levels.append(tuple(torch.tensor(v, dtype=torch.long) for v in (rows, left, right)))
+        cur = nxt
+    return tuple(levels)
+
+
+def _dc_layer(prev: Tensor, p1: Tensor) -> tuple[Tensor, Tensor]:
+    """One exact DP layer: ``f[b] = max_{a <= b} prev[a] + (p1[b] - p1[a])^2 / (b - a)`` for
+    every ``b`` in ``0..n`` (``prev``, ``p1``: ``[c, n+1]``). Returns ``(f, argmax a)``.
+
+    The maximising ``a`` is non-decreasing in ``b`` (the 1-D k-means cost satisfies the
+    quadrangle inequality), so rows are solved in divide-and-conquer order, each searching
+    only between the solutions of its solved neighbours: ``O(n log n)`` per row of ``prev``.
+    Per level the candidate ranges of all rows lie back to back in one flat ``[c, n + R]``
+    tensor and are reduced with ``torch.segment_reduce``.
+    """
+    c, width = prev.shape
+    n = width - 1
+    dev = prev.device
+    f = torch.empty_like(prev)
+    opt = torch.zeros(c, n + 3, dtype=torch.long, device=dev)  # shifted by one, sentinels
+    opt[:, -1] = n
+    for rows, left, right in _dc_schedule(n):
+        rows, left, right = rows.to(dev), left.to(dev), right.to(dev)
+        r = rows.numel()
+        lo = opt.index_select(1, left)
+        hi = torch.minimum(opt.index_select(1, right), rows)  # a <= b
+        length = hi - lo + 1  # >= 1
+        start = length.cumsum(dim=1) - length
+        total = length.sum(dim=1, keepdim=True)  # <= n + r
+        width_l = n + r
+        node = torch.zeros(c, width_l, dtype=torch.long, device=dev)
+        node = node.scatter_(1, start, 1).cumsum_(dim=1).sub_(1)  # range of each position
+        p = torch.arange(width_l, device=dev)
+        base = lo - start
+        a = (p + base.gather(1, node)).clamp_(max=n)
+        s = p1.index_select(1, rows).gather(1, node) - p1.gather(1, a)
+        cnt = ((rows - base).gather(1, node) - p).clamp_(min=1).to(s.dtype)  # b - a
+        v = (s * s).div_(cnt).add_(prev.gather(1, a))
+        v.masked_fill_(p >= total, float("-inf"))  # padding after the last range
+        lengths = length.clone()
+        lengths[:, -1] += width_l - total[:, 0]
+        best = torch.segment_reduce(v, "max", lengths=lengths, axis=1)
+        first = torch.where(v >= best.gather(1, node), p.to(v.dtype), float(width_l))
+        arg = torch.segment_reduce(first, "min", lengths=lengths, axis=1).long()
+        f.index_copy_(1, rows, best)
+        opt.index_copy_(1, rows + 1, arg + base)
+    return f, opt[:, 1:-1]
+
+
+def _kmeans_dc(data: _Sorted1D, k: int) -> Tensor:
+    """Exact minimum inertia ``[c]`` of each row (``k >= 3``) by the dynamic programme over
+    the K-1 boundaries, each layer solved by :func:`_dc_layer` (``O((K-2) n log n)``).
+
+    The layers maximise the between-cluster sum of squares; the inertia is then computed
+    from the optimal partition's own segments (no cancellation against the total)."""
+    n = data.n
+    pos = torch.arange(n + 1, dtype=data.xs.dtype, device=data.xs.device)
+    p1 = data.p1.contiguous()
+    f = p1 * p1 / pos.clamp_min(1)  # one segment [0, b)
+    opts = []
+    for _ in range(k - 2):
+        f, arg = _dc_layer(f, p1)
+        opts.append(arg)
+    tail = p1[:, -1:] - p1
+    last = (f + tail * tail / (n - pos).clamp_min(1)).argmax(dim=1, keepdim=True)
+    bounds = [torch.full_like(last, n), last]
+    for arg in reversed(opts):
+        bounds.append(arg.gather(1, bounds[-1]))
+    bounds.append(torch.zeros_like(last))
+    return data.cost(torch.cat(bounds[::-1], dim=1))
+
+
+def _kmeans_exact(data: _Sorted1D, k: int) -> Tensor:
+    """Exact minimum inertia ``[c]`` of each row of ``data`` (``2 <= k < n``)."""
+    if k == 2:  # one boundary: scan all n+1 positions (between-cluster sum of squares)
+        pos = torch.arange(data.n + 1, dtype=data.p1.dtype, device=data.p1.device)
+        tail = data.p1[:, -1:] - data.p1
+        between = data.p1 * data.p1 / pos.clamp_min(1) + tail * tail / (data.n - pos).clamp_min(1)
+        b = between.argmax(dim=1, keepdim=True)
+        zero = torch.zeros_like(b)
+        return data.cost(torch.cat([zero, b, zero + data.n], dim=1))
+    if k == 3:
+        return _kmeans3_bnb(data)
+    return _kmeans_dc(data, k)
+
+
+def batched_kmeans_1d(values: Tensor, num_clusters: int) -> Tensor:
+    """Exact 1-D k-means on many independent series at once (batched over series, no Python
+    loop over them).
 
     Args:
         values: ``[n, c]``: ``c`` independent series (columns) of ``n`` points each.
         num_clusters: ``K >= 1``. ``K == 1`` gives ``n * variance``; ``K >= n`` gives 0.
-        iters: maximum Lloyd iterations per refinement (stops early once no assignment
-            changes).
-        bins: about how many candidate boundaries the coarse start considers.
-        window: half-width (in points) of the joint boundary moves.
-        max_kicks: maximum rounds of joint boundary moves.
 
     Returns:
-        float64 ``[c]``: the k-means inertia (sum of squared distances to the assigned
-        centroid) of each column.
+        float64 ``[c]``: the minimum k-means inertia (sum of squared distances to the
+        assigned centroid) of each column, exact to rounding (at K = 3 the search may stop
+        within ``1e-12 * (1 + the column's total sum of squares)`` of the optimum).
 
-    Why not plain Lloyd: it stalls in local optima even in 1-D. Measured against an exact
-    ``O(K n^2)`` dynamic programme: quantile-initialised Lloyd ends up to ~10% above the
-    optimum on discrete or multi-modal data, and sklearn's ``KMeans(n_init=10)`` up to 8.5%
-    (discrete data, K=3) and ~1% on uniform data (K=5). So:
+    Why not Lloyd (or sklearn's ``KMeans``): they stall in local optima even in 1-D
+    (measured against an exact ``O(K n^2)`` dynamic programme: quantile-initialised Lloyd up
+    to ~10% above the optimum on discrete or multi-modal data, ``KMeans(n_init=10)`` up to
+    8.5%; on percentile ranks at ``n = 4096`` sklearn is above the optimum on most channels,
+    by up to ~1e-3). Algorithm, after sorting each column (in its own dtype, then float64)
+    and centring it, so that a clustering is a partition into K contiguous segments with
+    O(1) segment costs from prefix sums:
 
-    1. each column is sorted and centred; a clustering is a partition into K contiguous
-       segments (the optimum and every Lloyd fixed point are), with O(1) segment costs from
-       float64 prefix sums;
-    2. two starts: the exact optimum over ~``bins`` candidate boundaries (equal-width and
-       equal-count edges; a batched ``O(K bins^2)`` dynamic programme), and K equal-count
-       segments; each goes through 3 and 4, the lower inertia wins;
-    3. Lloyd steps (centroid midpoints + ``searchsorted``: ``O(K log n)`` per column);
-    4. kicks: the exact best joint move of all boundaries by ``stride * j``, ``|j| <=
-       window`` (a batched ``O(K window^2)`` chain dynamic programme), for strides
-       ``..., 16, 4, 1`` (coarse first, up to about ``n / 4``), each followed by Lloyd;
-       repeated on the columns that improved, at most ``max_kicks`` rounds.
+    - ``K == 2``: all ``n + 1`` boundaries are scanned (``O(n)``);
+    - ``K == 3`` (the MOCD default): branch and bound over pairs of boundary blocks,
+      :func:`_kmeans3_bnb`; all columns of a chunk form one flat list of items, refined
+      level by level, so the work is a few dozen batched tensor ops per level;
+    - ``K >= 4``: the exact dynamic programme over the K-1 boundaries, each layer by divide
+      and conquer on the monotone optimal split, :func:`_kmeans_dc`
+      (``O((K-2) n log n)`` per column).
 
-    Never worse than its starts. Measured against the exact programme on uniform, normal,
-    multi-modal, discrete, heavy-tailed and rank-like data (n = 240..2000, K = 2..5): exact
-    to rounding on all but ~0.6% of columns, which sit in a distant local optimum at most
-    ~0.5% above; never meaningfully above sklearn, often below. Empty clusters are zero-length
-    segments and only survive when fewer than K distinct values exist. Work is chunked over
-    columns so each working tensor stays within a few times 2**24 elements.
+    Measured on percentile ranks of planted activations (``n = 4096`` text tokens, one CPU
+    thread): the branch and bound evaluates about 950 bounds per column, against ``3.4e7``
+    segment costs for the ``O(K n^2)`` programme and ``~6e4`` for the divide-and-conquer one
+    (which it beats ~4x in time at K = 3). Columns are processed in chunks so each working
+    tensor stays within a few times 2**24 elements. Only plain torch ops (plus NumPy's sort
+    for CPU tensors), meant to run unchanged on CUDA; not yet run on a GPU.
     """
     if num_clusters < 1:
         raise ValueError(f"num_clusters must be >= 1, got {num_clusters}")
-    if bins < 2 or window < 1:
-        raise ValueError(f"bins must be >= 2 and window >= 1, got {bins}, {window}")
     n, c = values.shape
     out = torch.zeros(c, dtype=torch.float64, device=values.device)
     if n == 0 or c == 0:
         return out
     k = min(num_clusters, n)
-    w2 = (2 * window + 1) ** 2
-    step = max(1, _CHUNK_ELEMS // (4 * max(n + 1, bins * bins, w2)))
+    if k == n:
+        return out  # every point its own cluster
+    # Columns as rows: one transpose of the whole input is several times faster than one per
+    # chunk of columns (measured 0.25 s against 1.2 s at 4096 x 18565 float32 on CPU).
+    vt = values.t().contiguous()
+    # Small chunks keep the branch and bound's tables in cache (measured ~10% faster than 4x
+    # larger ones at n = 4096).
+    step = max(1, _CHUNK_ELEMS // (16 * (n + 1)))
     for s in range(0, c, step):
-        xs = values[:, s : s + step].t().to(torch.float64)
-        xs = torch.sort(xs, dim=1).values
+        xs = _sort_rows(vt[s : s + step]).to(device=values.device, dtype=torch.float64)
         xs = (xs - xs.mean(dim=1, keepdim=True)).contiguous()
         if k == 1:
             out[s : s + step] = xs.pow(2).sum(dim=1)
         else:
-            out[s : s + step] = _kmeans_sorted(_Sorted1D(xs), k, iters, bins, window, max_kicks)
+            out[s : s + step] = _kmeans_exact(_Sorted1D(xs), k)
     return out
 
 
@@ -616,7 +767,6 @@ def text_instability_score(
     text_rows: Tensor,
     num_clusters: int = 3,
     exclude: Tensor | Sequence[int] | None = None,
-    iters: int = 50,
 ) -> Tensor:
     """MOCD text score: within-cluster variance of each channel's per-token percentile rank.
 
@@ -638,7 +788,6 @@ def text_instability_score(
         num_clusters: ``K`` (paper: 1, 3, 5; default 3). ``K = 1`` is the variance.
         exclude: optional indices (or a bool mask of length ``d``) of channels left out of the
             ranking (MOCD passes the vision channels).
-        iters: maximum Lloyd iterations.
 
     Returns:
         float32 ``[d]``; excluded channels score ``-inf`` (never selected ahead of a real
@@ -678,7 +827,7 @@ def text_instability_score(
         k = 1
     sub = text_rows if kept.numel() == d else text_rows[:, kept]
     ranks = percentile_ranks(sub)
-    inertia = batched_kmeans_1d(ranks, k, iters=iters)
+    inertia = batched_kmeans_1d(ranks, k)
     score[kept] = torch.nan_to_num((inertia / n).float(), nan=0.0)
     return score
 
