@@ -46,7 +46,14 @@ from splitq_modifier.tiny import (
     synthetic_samples,
 )
 
-SETTINGS = {"W4A8": (4, 8), "W4A4": (4, 4), "W3A3": (3, 3), "W3A2": (3, 2)}
+SETTINGS = {
+    "W4A8": (4, 8),
+    "W4A4": (4, 4),
+    "W3A3": (3, 3),
+    "W3A2": (3, 2),
+    "W2A4": (2, 4),
+    "W2A8": (2, 8),
+}
 LM_LINEARS = "re:.*language_model.*layers.*_proj$"
 
 
@@ -59,7 +66,7 @@ def _scheme(wb: int, ab: int, group: bool = False) -> dict:
     return {"group_0": dict(targets=[LM_LINEARS], weights=weights, input_activations=acts)}
 
 
-def recipe_rtn(wb: int, ab: int, **_) -> list:
+def recipe_rtn(wb: int, ab: int, **_) -> list:  # deterministic: no seed
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
     return [QuantizationModifier(config_groups=_scheme(wb, ab))]
@@ -91,8 +98,10 @@ def recipe_quip_gptq(wb: int, ab: int, **_) -> list:
     )
 
 
-def recipe_splitq(wb: int, ab: int, epochs: int = 15, **overrides) -> list:
-    return [SplitQModifier(weight_bits=wb, activation_bits=ab, epochs=epochs, **overrides)]
+def recipe_splitq(wb: int, ab: int, epochs: int = 15, seed: int = 0, **overrides) -> list:
+    return [
+        SplitQModifier(weight_bits=wb, activation_bits=ab, epochs=epochs, seed=seed, **overrides)
+    ]
 
 
 BASE = dict(channel_selection="none", cws_rank_ratio=0.0, mac_rank_ratio=0.0)
@@ -103,7 +112,9 @@ METHODS: dict[str, Callable[..., list]] = {
     "gptq": recipe_gptq,
     "quip": recipe_quip_gptq,
     "base": lambda wb, ab, **kw: recipe_splitq(wb, ab, **{**kw, **BASE}),
-    "splitq": recipe_splitq,
+    "splitq": recipe_splitq,  # the recipe defaults
+    "splitq-rtn": lambda wb, ab, **kw: recipe_splitq(wb, ab, **kw, weight_rounding="rtn"),
+    "splitq-gptq": lambda wb, ab, **kw: recipe_splitq(wb, ab, **kw, weight_rounding="gptq"),
 }
 
 #: The paper's ablations as method name -> SplitQModifier overrides.
@@ -186,15 +197,24 @@ def load_bench(name: str, n_calib: int, n_eval: int, seed: int) -> Bench:
     )
 
 
-def run_method(bench: Bench, fp: torch.nn.Module, recipe: list) -> dict:
-    """Quantize a fresh copy of the FP model with ``recipe`` and score it."""
+def run_method(bench: Bench, fp: torch.nn.Module, recipe: list, seed: int = 0) -> dict:
+    """Quantize a fresh copy of the FP model with ``recipe`` and score it.
+
+    ``seed`` is the run seed: it sets the global RNG (random Hadamard rotations of QuIP,
+    anything else drawn by llm-compressor) and the order in which the calibration samples
+    reach the pipeline (a seeded permutation; seed 0 keeps the original order). SplitQ's
+    own seed (rotation init, training order) is set by the recipe.
+    """
     model = clone_model(fp)
     model.config.name_or_path = bench.path
-    torch.manual_seed(0)  # every method starts from the same global RNG state
+    torch.manual_seed(seed)  # every method of a seed starts from the same global RNG state
+    order = list(range(len(bench.calib)))
+    if seed:
+        order = torch.randperm(len(order), generator=torch.Generator().manual_seed(seed)).tolist()
     start = time.time()
     oneshot(
         model=model,
-        dataset=calibration_dataset(bench.calib),
+        dataset=calibration_dataset([bench.calib[i] for i in order]),
         data_collator=collate,
         recipe=recipe,
         num_calibration_samples=len(bench.calib),
@@ -222,6 +242,31 @@ def _table(setting: str, rows: dict[str, dict], fp_acc: float | None) -> str:
         )
         if fp_acc is not None:
             line += f" {r['accuracy']:.3f} | {r['accuracy'] / max(fp_acc, 1e-9):.1%} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    return float(t.mean()), float(t.std(unbiased=True)) if len(values) > 1 else 0.0
+
+
+def _seed_table(setting: str, runs: dict[str, list[dict]], fp_acc: float | None) -> str:
+    """Mean +- std over seeds (sample standard deviation)."""
+    n = len(next(iter(runs.values())))
+    head = f"| method (n = {n} seeds) | KL(FP‖Q) | top-1 |"
+    sep = "|---|---|---|"
+    if fp_acc is not None:
+        head += " accuracy retention |"
+        sep += "---|"
+    lines = [f"\n### {setting}\n", head, sep]
+    for name, rows in runs.items():
+        kl = _mean_std([r["kl_all"] for r in rows])
+        top = _mean_std([r["top1_all"] for r in rows])
+        line = f"| {name} | {kl[0]:.4g} ± {kl[1]:.2g} | {top[0]:.3f} ± {top[1]:.3f} |"
+        if fp_acc is not None:
+            ret = _mean_std([100 * r["accuracy"] / max(fp_acc, 1e-9) for r in rows])
+            line += f" {ret[0]:.1f}% ± {ret[1]:.1f} |"
         lines.append(line)
     return "\n".join(lines)
 
@@ -258,7 +303,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--calib", type=int, default=32)
     p.add_argument("--eval", type=int, default=32)
     p.add_argument("--epochs", type=int, default=15, help="SplitQ epochs per layer")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the model and its data")
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=[0],
+        help="run seeds: calibration order, global RNG and SplitQ's seed; with more than one, "
+        "tables give mean +- std",
+    )  # fmt: skip
+    p.add_argument("--tag", default="", help="suffix of the output file names")
     p.add_argument("--out", default="benchmarks/out")
     args = p.parse_args(argv)
 
@@ -267,21 +318,39 @@ def main(argv: list[str] | None = None) -> dict:
     fp = clone_model(bench.model)
     fp_acc = bench.accuracy(fp) if bench.accuracy else None
     results: dict[str, dict] = {}
+    per_seed: dict[str, dict[str, list[dict]]] = {}
     for setting in args.settings:
         wb, ab = SETTINGS[setting]
-        rows = {}
+        runs: dict[str, list[dict]] = {}
         if args.ablation:
-            for name, overrides in ABLATIONS[args.ablation].items():
-                rows[name] = run_method(bench, fp, recipe_splitq(wb, ab, args.epochs, **overrides))
+            recipes = {
+                name: (lambda sd, o=o, wb=wb, ab=ab: recipe_splitq(wb, ab, args.epochs, sd, **o))
+                for name, o in ABLATIONS[args.ablation].items()
+            }
         else:
-            for name in args.methods:
-                rows[name] = run_method(bench, fp, METHODS[name](wb, ab, epochs=args.epochs))
-        results[setting] = rows
-        print(_table(setting, rows, fp_acc), flush=True)
+            recipes = {
+                name: (
+                    lambda sd, f=METHODS[name], wb=wb, ab=ab: f(wb, ab, epochs=args.epochs, seed=sd)
+                )
+                for name in args.methods
+            }
+        for seed in args.seeds:
+            for name, make in recipes.items():
+                runs.setdefault(name, []).append(run_method(bench, fp, make(seed), seed))
+        results[setting] = {name: rows[0] for name, rows in runs.items()}
+        per_seed[setting] = runs
+        if len(args.seeds) == 1:
+            print(_table(setting, results[setting], fp_acc), flush=True)
+        else:
+            print(_seed_table(setting, runs, fp_acc), flush=True)
     os.makedirs(args.out, exist_ok=True)
-    tag = f"{args.model}_{args.ablation or 'methods'}"
+    tag = f"{args.model}_{args.ablation or 'methods'}{'_' + args.tag if args.tag else ''}"
     with open(os.path.join(args.out, f"fidelity_{tag}.json"), "w") as f:
-        json.dump({"args": vars(args), "fp_accuracy": fp_acc, "results": results}, f, indent=1)
+        json.dump(
+            {"args": vars(args), "fp_accuracy": fp_acc, "results": results, "runs": per_seed},
+            f,
+            indent=1,
+        )
     _plot(results, os.path.join(args.out, f"fidelity_{tag}.png"))
     return results
 

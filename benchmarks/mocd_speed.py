@@ -95,7 +95,7 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} torch threads)"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Run the benchmark (see the module docstring)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--d", type=int, default=18944, help="channel count of the site")
@@ -108,7 +108,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     default_dev = "cuda" if torch.cuda.is_available() else "cpu"
     ap.add_argument("--device", default=default_dev, help=f"default: {default_dev}")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -69,23 +69,45 @@ def branch_rank(ratio: float, d_out: int, k: int) -> int:
 EXACT_SVD_MAX = 512
 
 
-def top_singular(w: torch.Tensor, r: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """The ``r`` leading singular triplets ``(U_r, S_r, V_r^T)`` of ``w``.
+def _orthonormalize(y: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of the columns of tall ``y`` (float64) by Cholesky-QR, twice
+    (matmul-bound; LAPACK's Householder QR of a tall matrix is orders of magnitude slower
+    on some CPU builds)."""
+    for _ in range(2):
+        g = y.T @ y
+        g = g + torch.eye(g.shape[0], dtype=g.dtype, device=g.device) * (
+            1e-12 * g.diagonal().mean()
+        )
+        y = torch.linalg.solve_triangular(torch.linalg.cholesky(g), y.T, upper=False).T
+    return y
 
-    Small matrices use the exact SVD. Wide ones (a 3584 x 18944 projection takes minutes and
-    several full-size workspaces on CPU) use ``torch.svd_lowrank`` (randomized range finder,
-    ``r + 16`` columns, 4 power iterations), seeded so calibration stays deterministic. The
-    branch only needs a good rank-``r`` subspace: CWS takes the branch out of the weight
-    exactly (``W_res = W~ - B``), so an approximate subspace costs captured energy, never
-    correctness.
+
+def top_singular(
+    w: torch.Tensor, r: int, seed: int = 0, niter: int = 4
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``r`` leading singular triplets ``(U_r, S_r, V_r^T)`` of ``w`` (fp32).
+
+    Small matrices use the exact SVD. Wider ones (a 3584 x 18944 projection takes minutes
+    and several full-size workspaces for a full SVD on CPU) use randomized subspace
+    iteration: ``r + 16`` seeded Gaussian probes, ``niter`` power iterations, each
+    orthonormalised by Cholesky-QR, then the SVD of the small projected matrix. The branch
+    only needs a good rank-``r`` subspace: CWS takes the branch out of the weight exactly
+    (``W_res = W~ - B``), so an approximate subspace costs captured energy, never
+    correctness. Deterministic for a given ``seed``.
     """
     if min(w.shape) <= EXACT_SVD_MAX:
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        u, s, vh = torch.linalg.svd(w.float(), full_matrices=False)
         return u[:, :r], s[:r], vh[:r]
-    with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        u, s, v = torch.svd_lowrank(w, q=min(r + 16, min(w.shape)), niter=4)
-    return u[:, :r], s[:r], v[:, :r].T
+    q = min(r + 16, min(w.shape))
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    wf = w.float()
+    y = wf @ torch.randn(w.shape[1], q, generator=g).to(w.device)
+    y = _orthonormalize(y.double())
+    for _ in range(niter):
+        y = _orthonormalize((wf @ (wf.T @ y.float())).double())
+    b = y.float().T @ wf  # (q, n)
+    ub, s, vh = torch.linalg.svd(b, full_matrices=False)
+    return (y.float() @ ub)[:, :r], s[:r], vh[:r]
 
 
 def _branch(
@@ -119,16 +141,25 @@ class LowRankBranch(nn.Module):
 
     :param w_main: the transformed main-path weight ``W~`` (``d_out x k``), used once for SVD
     :param cfg: rank, bits, gate and input settings
+    :param svd: leading singular triplets of ``w_main`` already computed (at least the rank);
+        CWS and MAC of one linear share one decomposition
     """
 
-    def __init__(self, w_main: torch.Tensor, cfg: QuantBranch):
+    def __init__(
+        self,
+        w_main: torch.Tensor,
+        cfg: QuantBranch,
+        svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ):
         super().__init__()
         if cfg.bits < 4:
             raise ValueError(f"low-rank branches use at least 4 bits, got {cfg.bits}")
         self.cfg = cfg
         w = w_main.detach().float()
         r = branch_rank(cfg.rank_ratio, *w.shape)
-        u, s, vh = top_singular(w, r)
+        if svd is None or svd[1].numel() < r:
+            svd = top_singular(w, r)
+        u, s, vh = svd[0][:, :r], svd[1][:r], svd[2][:r]
         root = s.sqrt()
         self.register_buffer("u_r", (u * root).contiguous())
         self.register_buffer("down", (root[:, None] * vh).contiguous())

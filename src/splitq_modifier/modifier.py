@@ -131,7 +131,7 @@ class SplitQModifier(Modifier):
     clip_lr_multiplier: float = Field(default=10.0, gt=0.0)
     batch_size: int = Field(default=4, ge=1)
     seed: int = 0
-    weight_rounding: Literal["rtn", "gptq"] = "rtn"
+    weight_rounding: Literal["rtn", "gptq"] = "gptq"
     cache_device: str | None = None
 
     _arch: ArchSpec | None = PrivateAttr(default=None)

@@ -30,9 +30,9 @@ class HessianAccumulator:
 
     def add(self, x: Tensor) -> None:
         """Add the rows of ``x`` (..., k)."""
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        if x.shape[1] == 0:
+        if x.shape[-1] == 0:  # an empty path
             return
+        x = x.detach().reshape(-1, x.shape[-1]).float()
         h = x.T @ x
         self.h = h if self.h is None else self.h + h
         self.count += x.shape[0]

@@ -22,7 +22,13 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from splitq_modifier.acc import FrozenBranch, LowRankBranch, QuantBranch
+from splitq_modifier.acc import (
+    FrozenBranch,
+    LowRankBranch,
+    QuantBranch,
+    branch_rank,
+    top_singular,
+)
 from splitq_modifier.quant import fake_quant, quantize_sym, step_cache, step_cached
 from splitq_modifier.rounding import gptq_round
 from splitq_modifier.runtime import (
@@ -245,10 +251,12 @@ class SplitQLinear(nn.Module):
         if cws is not None or mac is not None:
             with torch.no_grad():
                 w_main = site.split_weight(self.weight)[2]
+                r = max(branch_rank(b.rank_ratio, *w_main.shape) for b in (cws, mac) if b)
+                svd = top_singular(w_main, r)  # one decomposition for both branches
             if cws is not None:
-                self.cws = LowRankBranch(w_main, cws)
+                self.cws = LowRankBranch(w_main, cws, svd)
             if mac is not None:
-                self.mac = LowRankBranch(w_main, mac)
+                self.mac = LowRankBranch(w_main, mac, svd)
 
     def path_weights(self, quantize: bool = False) -> list[torch.Tensor]:
         """Transformed per-path weights, with the CWS branch taken out of the main path;
