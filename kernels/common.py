@@ -81,7 +81,9 @@ def load_packed_kmajor(
         shifts = (tl.arange(0, E) * BITS)[None, :, None]
         # Arithmetic shift is fine: the mask keeps bits [s, s + BITS) <= 31 only.
         codes = (words >> shifts) & ((1 << BITS) - 1)  # [BLOCK_K // E, E, BLOCK_N]
-        out = (tl.reshape(codes, [BLOCK_K, BLOCK_N]) - (1 << (BITS - 1))).to(tl.int8)
+        # To int8 before the reshape: a reshape may go through a layout conversion, which
+        # should move bytes, not int32 words.
+        out = tl.reshape((codes - (1 << (BITS - 1))).to(tl.int8), [BLOCK_K, BLOCK_N])
     elif BITS == 3:
         g_word = (k0 // 32) * 3 + tl.arange(0, BLOCK_K // 32) * 3
         base = ptr + n_idx[None, None, :] * row_stride + g_word[:, None, None]
@@ -98,8 +100,8 @@ def load_packed_kmajor(
         hi = tl.where(sel == 0, w1, w2)
         spill = (off + 3) > 32
         v = (lo >> off) | tl.where(spill, hi << ((32 - off) & 31), 0)
-        codes = tl.reshape((v & 7).to(tl.int32, bitcast=True), [BLOCK_K, BLOCK_N])
-        out = (codes - 4).to(tl.int8)
+        codes = ((v & 7).to(tl.int32, bitcast=True) - 4).to(tl.int8)
+        out = tl.reshape(codes, [BLOCK_K, BLOCK_N])
     else:
         kk = k0 + tl.arange(0, BLOCK_K)
         out = unpack_codes(
@@ -156,7 +158,7 @@ def load_packed_rows(
         )  # [BLOCK_R, BLOCK_K // E, 1] int32
         shifts = (tl.arange(0, E) * BITS)[None, None, :]
         codes = (words >> shifts) & ((1 << BITS) - 1)  # [BLOCK_R, BLOCK_K // E, E]
-        out = (tl.reshape(codes, [BLOCK_R, BLOCK_K]) - (1 << (BITS - 1))).to(tl.int8)
+        out = tl.reshape((codes - (1 << (BITS - 1))).to(tl.int8), [BLOCK_R, BLOCK_K])
     elif BITS == 3:
         g_word = (k0 // 32) * 3 + tl.arange(0, BLOCK_K // 32) * 3
         base = ptr + r_idx[:, None, None] * row_stride + g_word[None, :, None]
@@ -173,8 +175,8 @@ def load_packed_rows(
         hi = tl.where(sel == 0, w1, w2)
         spill = (off + 3) > 32
         v = (lo >> off) | tl.where(spill, hi << ((32 - off) & 31), 0)
-        codes = tl.reshape((v & 7).to(tl.int32, bitcast=True), [BLOCK_R, BLOCK_K])
-        out = (codes - 4).to(tl.int8)
+        codes = ((v & 7).to(tl.int32, bitcast=True) - 4).to(tl.int8)
+        out = tl.reshape(codes, [BLOCK_R, BLOCK_K])
     else:
         kk = k0 + tl.arange(0, BLOCK_K)
         out = unpack_codes(

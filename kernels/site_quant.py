@@ -109,11 +109,11 @@ def _kron_stage(
 
     The factor's output columns are produced ``NO`` at a time (``[NP, NO]`` blocks of the
     factor: at most 64 x 128 fp32 of shared memory per ``tl.dot`` operand on a GPU).
-    Returns the per-token absmax of the result when ``FINAL`` (then ``A == 1`` and
-    ``RO == BLOCK_M``, so the tile's outer index is the token), else zeros.
+    Returns the per-token absmax of the result when ``FINAL`` (then ``A == 1``: the tile's
+    outer index is the token, ``RO`` of them per step), else zeros.
     """
     if FINAL:
-        tl.static_assert((A == 1) and (RO == BLOCK_M))
+        tl.static_assert(A == 1)
     amax = tl.zeros([BLOCK_M], dtype=tl.float32)
     j = tl.arange(0, NP)
     jm = j < NI
@@ -149,7 +149,12 @@ def _kron_stage(
                 col_o = a_off + c[None, :, None] + (n * B)[None, None, :]
                 tl.store(xt_ptr + row * D + START + col_o, y, mask=ocm & nm[None, None, :])
                 if FINAL:
-                    amax = tl.maximum(amax, tl.max(tl.max(tl.abs(y), axis=2), axis=1))
+                    tok_max = tl.max(tl.max(tl.abs(y), axis=2), axis=1)  # [RO], tokens o
+                    if RO == BLOCK_M:
+                        amax = tl.maximum(amax, tok_max)
+                    else:  # scatter the RO tokens of this step into the block's BLOCK_M
+                        hit = tl.arange(0, BLOCK_M)[:, None] == o[None, :]
+                        amax = tl.maximum(amax, tl.max(tl.where(hit, tok_max[None, :], 0.0), 1))
     return amax
 
 
@@ -331,8 +336,7 @@ def site_quant_config(n_tokens: int) -> dict:
     branch ``tl.dot``s; decode has one program per 16 tokens), 64 above (the down factors
     ``L2``/``L4`` are re-read once per program, so more tokens per program cut that traffic
     fourfold); 64/32-channel quantize steps (the unpacked ``[BLOCK_K, R]`` factor tiles of the
-    branches dominate the registers); 4096-element transform tiles over 8 warps (a final
-    stage holds ``BLOCK_M x`` one padded side, up to 8192). The pass is
+    branches dominate the registers); 4096-element transform tiles over 8 warps. The pass is
     memory bound; the values are untuned (no GPU was available). Interpreter: large blocks,
     since its cost is per program and per step.
     """
@@ -371,8 +375,8 @@ def plan_stages(
     Entry: ``(path, kind, final, start, k, A, NI, B, RO, CB, NP, f_off, NO)`` (module doc):
     kind 0 copy, 1 first factor (gathers x), 2 later factor; ``NP`` = side padded to a power
     of two >= 16 (a ``tl.dot`` operand), ``NO = min(NP, no_max)``; ``RO * CB * NP <= tile``
-    (``max(tile, block_m * NP)`` for a final stage) and ``RO * CB >= 16``; the final stage of
-    a path (factor 0) has ``RO == block_m``.
+    (``tile * 64 / NP`` where ``NP > 64``) and ``RO * CB >= 16``; the final stage of a path is
+    factor 0 (``A == 1``, ``RO`` divides ``block_m``).
     """
     stages, f_off, start = [], 0, 0
     for p in range(3):
@@ -391,16 +395,13 @@ def plan_stages(
                 a, ni, b = math.prod(dims[:i]), dims[i], math.prod(dims[i + 1 :])
                 np_ = pow2_at_least(ni, 16)
                 kind = 1 if i == len(dims) - 1 else 2
-                if i == 0:
-                    ro = block_m
-                    cb = _best_cb(b, max(tile // (block_m * np_), 1))
-                else:
-                    cb = _best_cb(b, max(tile // (16 * np_), 1))
-                    ro = min(triton.next_power_of_2(block_m * a), max(tile // (cb * np_), 16))
+                # Sides above 64 get half the budget: the fp32 operand splits of a tf32x3 dot
+                # over a 128-wide factor exhaust the registers at full tiles (compile_check).
+                budget = tile if np_ <= 64 else max(tile * 64 // np_, 16 * np_)
+                cb = _best_cb(b, max(budget // (16 * np_), 1))
+                ro = min(triton.next_power_of_2(block_m * a), max(budget // (cb * np_), 16))
                 no = min(np_, no_max)
-                stages.append(
-                    (p, kind, int(i == 0), start, k, a, ni, b, ro, cb, np_, offs[i], no)
-                )
+                stages.append((p, kind, int(i == 0), start, k, a, ni, b, ro, cb, np_, offs[i], no))
         f_off += sum(n * n for n in dims)
         start += k
     return tuple(stages)

@@ -34,15 +34,14 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+
 from splitq_modifier.kernels import (
     plan_stages,
     site_gemm_triton,
     site_linear_triton,
-    site_quant_config,
     site_quantize_triton,
 )
 from splitq_modifier.kernels.common import load_packed_kmajor, load_packed_rows, round_half_even
-
 from splitq_modifier.layout import plan_site
 from splitq_modifier.runtime import (
     SiteParams,
@@ -236,15 +235,14 @@ def test_plan_stages_real_models() -> None:
                 assert len(mine) == (max(len(dims[path]), 1) if sizes[path] else 0)
                 if mine:
                     assert mine[-1][2] == 1 and all(s[2] == 0 for s in mine[:-1])
-            for p, kind, final, start, k, a, ni, b, ro, cb, np_, f_off, no in st:
+            for _p, kind, final, _start, k, a, ni, b, ro, cb, np_, _f_off, no in st:
                 assert a * ni * b == k
                 if kind:
                     assert np_ >= max(ni, 16) and np_ & (np_ - 1) == 0 and no <= np_
-                    cap = max(cfg["TILE"], cfg["BLOCK_M"] * np_) if final else cfg["TILE"]
-                    assert ro * cb * np_ <= cap and ro * cb >= 16
+                    assert ro * cb * np_ <= cfg["TILE"] and ro * cb >= 16
                     assert ro & (ro - 1) == 0 and cb & (cb - 1) == 0
                 if final:
-                    assert a == 1 and ro == cfg["BLOCK_M"]
+                    assert a == 1 and cfg["BLOCK_M"] % ro == 0
                 pad = math.ceil(b / cb) * cb / b
                 assert pad <= 1.34, (sizes, dims, b, cb)
 
@@ -313,6 +311,34 @@ def test_site_quantize(case) -> None:
     torch.testing.assert_close(got["sx"], full["sx"], rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"BLOCK_M": 32, "BLOCK_K": 64, "TILE": 256, "NO": 16, "num_warps": 4},
+        {"BLOCK_M": 64, "BLOCK_K": 32, "TILE": 1024, "NO": 16, "num_warps": 4},
+    ],
+)
+def test_site_quantize_small_tiles(cfg, monkeypatch) -> None:
+    """GPU-like stage tables under the interpreter: output blocks narrower than a factor,
+    column chunks, final stages of fewer tokens than the block (the absmax scatter)."""
+    import splitq_modifier.kernels.site_quant as sq
+
+    monkeypatch.setattr(sq, "site_quant_config", lambda n: dict(cfg))
+    st = sq.plan_stages((24, 0, 120), [4, 6, 0, 0, 0, 0, 2, 3, 20], cfg["BLOCK_M"], cfg["TILE"],
+                        cfg["NO"])  # fmt: skip
+    assert any(s[2] and s[8] < cfg["BLOCK_M"] for s in st)  # a final stage with RO < BLOCK_M
+    assert any(s[12] < s[10] for s in st)  # a factor produced in several output blocks
+    p = make_site((20,), (24, 0, 120), ((4, 6), (), (2, 3, 20)), (4, 4, 4), (4, 4, 8), (3,),
+                  (4,), seed=4)  # fmt: skip
+    x = make_x(N_TOKENS, p.d_in, torch.float32)
+    got = sq.site_quantize_triton(x, *quant_args(p), store_uq=True)
+    xt_ref = site_transform_reference(x, p.perm, p.smooth, p.factors, *p.int_args()[:2])
+    assert ((got["xt"] - xt_ref).abs() <= 1e-5 * xt_ref.abs().amax(1, keepdim=True)).all()
+    want = ref_quantize(p, got["xt"])
+    for key in ("qx", "sx", "hq", "sh", "uq", "su", "gq", "sg"):
+        assert torch.equal(got[key], want[key]), key
+
+
 def test_code_agreement() -> None:
     """Code agreement of kernel A with the full reference over larger inputs (N=200 tokens,
     the shape families of real models at reduced width); prints the measured mismatch rate."""
@@ -372,6 +398,26 @@ def test_site_gemm(gcase) -> None:
     assert y.dtype == out_dtype and y.shape == (N_TOKENS, p.d_out)
     tol = OUT_TOL[out_dtype]
     torch.testing.assert_close(y, ref, rtol=tol, atol=tol * ref.float().abs().max().item())
+
+
+@pytest.mark.parametrize("row", [r for r in range(4)])
+def test_site_gemm_gpu_configs(row, monkeypatch) -> None:
+    """Each GPU block configuration (decode GEMV-style tile included) under the interpreter,
+    on a 3-linear site whose segments do not align with the tiles."""
+    import splitq_modifier.kernels.site_gemm as sg
+
+    _max_n, bo, bt, bk, _w, _s = sg.SITE_GEMM_GPU_CONFIGS[row]
+    cfg = {"BLOCK_O": bo, "BLOCK_T": bt, "BLOCK_K": bk, "num_warps": 4}
+    monkeypatch.setattr(sg, "site_gemm_config", lambda n: dict(cfg))
+    p = make_site((70, 33, 33), (8, 8, 300), ((8,), (8,), (15, 20)), (4, 3, 2), (4, 4, 4),
+                  (5, 2, 3), (6, 3, 1), bias=True, seed=8)  # fmt: skip
+    x = make_x(N_TOKENS, p.d_in, torch.bfloat16)
+    xt = site_transform_reference(x, p.perm, p.smooth, p.factors, *p.int_args()[:2])
+    acts = ref_quantize(p, xt)
+    mask = make_mask("mixed", N_TOKENS)
+    y = sg.site_gemm_triton(acts, *gemm_args(p, mask, torch.float32))
+    ref = site_gemm_reference(acts, *gemm_args(p, mask, torch.float32))
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
 
 
 def test_mac_rows_follow_text_mask() -> None:
