@@ -174,9 +174,11 @@ SITE_GEMM_GPU_CONFIGS = (
 )
 
 
-def site_gemm_config(n_tokens: int) -> dict:
-    """Block sizes and launch options of :func:`site_gemm_kernel` for ``n_tokens`` rows."""
-    if interpreting():
+def site_gemm_config(n_tokens: int, interpret: bool | None = None) -> dict:
+    """Block sizes and launch options of :func:`site_gemm_kernel` for ``n_tokens`` rows
+    (``interpret``: the interpreter's configuration; default: whether Triton runs
+    interpreted)."""
+    if interpreting() if interpret is None else interpret:
         return {
             "BLOCK_O": 64,
             "BLOCK_T": pow2_at_least(min(max(n_tokens, 1), 64), 16),

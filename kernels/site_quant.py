@@ -15,9 +15,12 @@ One launch per site; one program handles ``BLOCK_M`` tokens over the whole input
    smoothing are fused into its load); the others read and write the fp32 work buffer ``xt``
    (N, d) in place (a tile's reads and writes are the same addresses, tiles are disjoint, and
    the ``tl.dot`` orders every read of a tile before any write; a barrier separates stages).
-   A path with no factors is copied (gathered, smoothed) into ``xt``. The last stage of each
-   path is factor 0, whose outer index is the token alone, so it also yields the per-token
-   absmax of the transformed path.
+   Where both padded sides are <= 64, the last two factors of a path run as one stage in
+   registers (:func:`_kron_pair_stage`: two ``tl.dot`` with a transpose between them), which
+   saves one fp32 round trip through ``xt``: a 2-factor main path (54 x 64) is one stage, a
+   3-factor one (24 x 27 x 28) two. A path with no factors is copied (gathered, smoothed) into
+   ``xt``. The last stage of each path ends with factor 0, whose outer index is the token
+   alone, so it also yields the per-token absmax of the transformed path.
 2. **Quantize**: ``s_p = max(absmax_p * clip_p, 1e-8) / qmax_p`` (``sx``), codes ``qx`` (N, d)
    int8; on the main path the same sweep accumulates the CWS down-projection ``qx_m @ L2^T``
    (int8 ``tl.dot``, int32) and the absmax of the MAC input ``u``.
@@ -62,9 +65,9 @@ from .common import (
 #:   transform (``k_m * sum(padded sides)`` MACs per token, 2-4% of the site's MACs) would then
 #:   take about as long as the int8 GEMM itself at prefill (int8 runs at 1979 TOP/s);
 #: * "tf32" rounds both operands to 10 mantissa bits (relative error ~2^-11 per product):
-#:   measured in emulation (``tests/test_kernels.py::test_tf32_would_flip_codes``) it flips
-#:   far more codes than the >= 99.9 % agreement with the fp32 reference the tests ask for,
-#:   most at 8-bit activations;
+#:   measured in emulation (``benchmarks/kernel.py``, table (d): Qwen2.5-VL-7B sites, 256
+#:   tokens) it flips 6e-4 of the codes at 4-bit activations and 1.1-1.2e-2 at 8 bits, against
+#:   0-4e-6 for fp32: the 8-bit case misses the >= 99.9 % agreement the tests ask for;
 #: * "tf32x3" splits each operand into a TF32 head and tail and sums three tensor-core
 #:   products: fp32-level agreement at tensor-core speed (3 TF32 passes).
 #:
@@ -72,8 +75,9 @@ from .common import (
 TRANSFORM_PRECISION = "tf32x3"
 
 # Stage table entry (a constexpr tuple; see plan_stages), indexed by position in the kernels:
-#   0 path, 1 kind, 2 final, 3 start, 4 k, 5 A, 6 NI, 7 B, 8 RO, 9 CB, 10 NP, 11 f_off, 12 NO
-#   kind: 0 = copy (no factors), 1 = first factor stage (gathers x), 2 = later factor stage.
+#   0 path, 1 kind, 2 final, 3 start, 4 k, 5 A, 6 NI, 7 B, 8 RO, 9 CB, 10 NP, 11 f_off, 12 NO,
+#   13 PAIR, 14 f_off_b
+#   kind: 0 = copy (no factors), 1 = first stage of the path (gathers x), 2 = later stage.
 
 
 @triton.jit
@@ -159,6 +163,66 @@ def _kron_stage(
 
 
 @triton.jit
+def _kron_pair_stage(
+    x_ptr, stride_x, perm_ptr, smooth_ptr, fa_ptr, fb_ptr, xt_ptr, row0, N,
+    D: tl.constexpr, START: tl.constexpr, A: tl.constexpr, NA: tl.constexpr, NB: tl.constexpr,
+    RO: tl.constexpr, NPA: tl.constexpr, NPB: tl.constexpr,
+    GATHER: tl.constexpr, FINAL: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Apply two consecutive factors ``M_a`` (side ``NA``) and ``M_b`` (side ``NB``, the later
+    one) in registers, with one load and one store: the path is viewed as ``(A, NA, NB)``.
+
+    A tile of ``RO`` outer rows is loaded as ``[RO, NPA, NPB]``, multiplied by ``M_b`` on its
+    last axis (``[RO*NPA, NPB] @ M_b``), transposed to ``[RO, NPB, NPA]`` and multiplied by
+    ``M_a`` (``[RO*NPB, NPA] @ M_a``); the result, indexed ``(r, c, i)``, is stored straight to
+    channel ``a*NA*NB + i*NB + c``. This halves the fp32 work-buffer traffic of the two stages.
+    Returns the per-token absmax when ``FINAL`` (then ``A == 1``), else zeros.
+    """
+    if FINAL:
+        tl.static_assert(A == 1)
+    amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+    j = tl.arange(0, NPA)
+    c = tl.arange(0, NPB)
+    jm = j < NA
+    cm = c < NB
+    for o0 in range(0, BLOCK_M * A, RO):
+        o = o0 + tl.arange(0, RO)
+        tok = row0 + o // A
+        om = (o < BLOCK_M * A) & (tok < N)
+        row = tok.to(tl.int64)[:, None, None]
+        a_off = ((o % A) * (NA * NB))[:, None, None]
+        # [RO, NPA, NPB]: element (r, j, c) is channel a*NA*NB + j*NB + c of the path.
+        col = a_off + (j * NB)[None, :, None] + c[None, None, :]
+        m = om[:, None, None] & jm[None, :, None] & cm[None, None, :]
+        if GATHER:
+            src = tl.load(perm_ptr + START + col, mask=m, other=0)
+            v = tl.load(x_ptr + row * stride_x + src, mask=m, other=0.0)
+            v = v.to(tl.float32) * tl.load(smooth_ptr + START + col, mask=m, other=0.0)
+        else:
+            v = tl.load(xt_ptr + row * D + START + col, mask=m, other=0.0)
+        # The factors are (re)loaded per step (L1-resident) rather than kept live in registers.
+        mat_b = tl.load(fb_ptr + c[:, None] * NB + c[None, :], mask=cm[:, None] & cm[None, :],
+                        other=0.0)  # fmt: skip
+        z = tl.dot(tl.reshape(v, [RO * NPA, NPB]), mat_b, input_precision=PREC)
+        z = tl.permute(tl.reshape(z, [RO, NPA, NPB]), (0, 2, 1))  # [RO, NPB (c), NPA (j)]
+        mat_a = tl.load(fa_ptr + j[:, None] * NA + j[None, :], mask=jm[:, None] & jm[None, :],
+                        other=0.0)  # fmt: skip
+        y = tl.dot(tl.reshape(z, [RO * NPB, NPA]), mat_a, input_precision=PREC)
+        y = tl.reshape(y, [RO, NPB, NPA])  # (r, c, i)
+        col_o = a_off + c[None, :, None] + (j * NB)[None, None, :]
+        tl.store(xt_ptr + row * D + START + col_o, y,
+                 mask=om[:, None, None] & cm[None, :, None] & jm[None, None, :])  # fmt: skip
+        if FINAL:
+            tok_max = tl.max(tl.max(tl.abs(y), axis=2), axis=1)  # [RO], tokens o
+            if RO == BLOCK_M:
+                amax = tl.maximum(amax, tok_max)
+            else:
+                hit = tl.arange(0, BLOCK_M)[:, None] == o[None, :]
+                amax = tl.maximum(amax, tl.max(tl.where(hit, tok_max[None, :], 0.0), 1))
+    return amax
+
+
+@triton.jit
 def _stage(
     x_ptr, stride_x, perm_ptr, smooth_ptr, f_ptr, xt_ptr, row0, rows, row_mask, N,
     D: tl.constexpr, ST: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr,
@@ -167,6 +231,11 @@ def _stage(
     if ST[1] == 0:
         a = _copy_stage(x_ptr, stride_x, perm_ptr, smooth_ptr, xt_ptr, rows, row_mask,
                         D, ST[3], ST[4], BLOCK_M, ST[9])  # fmt: skip
+    elif ST[13]:
+        a = _kron_pair_stage(x_ptr, stride_x, perm_ptr, smooth_ptr, f_ptr + ST[11],
+                             f_ptr + ST[14], xt_ptr, row0, N, D, ST[3], ST[5], ST[6], ST[7],
+                             ST[8], ST[10], ST[9], ST[1] == 1, ST[2], BLOCK_M,
+                             PREC)  # fmt: skip
     else:
         a = _kron_stage(x_ptr, stride_x, perm_ptr, smooth_ptr, f_ptr + ST[11], xt_ptr, row0, N,
                         D, ST[3], ST[5], ST[6], ST[7], ST[8], ST[9], ST[10], ST[12], ST[1] == 1,
@@ -328,8 +397,9 @@ def segments(ranks: Sequence[int]) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
-def site_quant_config(n_tokens: int) -> dict:
-    """Block sizes of :func:`site_quant_kernel` for ``n_tokens`` rows.
+def site_quant_config(n_tokens: int, interpret: bool | None = None) -> dict:
+    """Block sizes of :func:`site_quant_kernel` for ``n_tokens`` rows (``interpret``: the
+    interpreter's configuration; default: whether Triton runs interpreted).
 
     ``TILE``: fp32 elements of one transform tile; ``NO``: largest output block of a factor
     per ``tl.dot``. GPU: 16 tokens per program up to 64 tokens (the smallest M of the int8
@@ -340,7 +410,7 @@ def site_quant_config(n_tokens: int) -> dict:
     memory bound; the values are untuned (no GPU was available). Interpreter: large blocks,
     since its cost is per program and per step.
     """
-    if interpreting():
+    if interpreting() if interpret is None else interpret:
         bm = pow2_at_least(min(max(n_tokens, 1), 64), 16)
         return {"BLOCK_M": bm, "BLOCK_K": 512, "TILE": 1 << 16, "NO": 256, "num_warps": 4}
     if n_tokens <= 64:
@@ -367,16 +437,24 @@ def _best_cb(b: int, cap: int) -> int:
 
 
 def plan_stages(
-    sizes: Sequence[int], factor_dims: Sequence[int], block_m: int, tile: int, no_max: int = 64
+    sizes: Sequence[int],
+    factor_dims: Sequence[int],
+    block_m: int,
+    tile: int,
+    no_max: int = 64,
+    pair: bool = True,
 ) -> tuple[tuple[int, ...], ...]:
-    """The stage table of :func:`site_quant_kernel` (one entry per factor, or one copy stage
-    per path without factors; empty paths have none).
+    """The stage table of :func:`site_quant_kernel` (one entry per factor, or per fused pair
+    of factors, or one copy stage per path without factors; empty paths have none).
 
-    Entry: ``(path, kind, final, start, k, A, NI, B, RO, CB, NP, f_off, NO)`` (module doc):
-    kind 0 copy, 1 first factor (gathers x), 2 later factor; ``NP`` = side padded to a power
-    of two >= 16 (a ``tl.dot`` operand), ``NO = min(NP, no_max)``; ``RO * CB * NP <= tile``
-    (``tile * 64 / NP`` where ``NP > 64``) and ``RO * CB >= 16``; the final stage of a path is
-    factor 0 (``A == 1``, ``RO`` divides ``block_m``).
+    Entry: ``(path, kind, final, start, k, A, NI, B, RO, CB, NP, f_off, NO, PAIR, f_off_b)``
+    (module doc): kind 0 copy, 1 first stage of the path (gathers x), 2 later stage; ``NP`` =
+    side padded to a power of two >= 16 (a ``tl.dot`` operand), ``NO = min(NP, no_max)``;
+    ``RO * CB * NP <= tile`` (``tile * 64 / NP`` where ``NP > 64``) and ``RO * CB >= 16``; the
+    final stage of a path is factor 0 (``A == 1``, ``RO`` divides ``block_m``). With ``pair``,
+    the last two factors of a path run as one :func:`_kron_pair_stage` (``PAIR`` 1: ``NI``,
+    ``B`` = the two sides, ``NP``, ``CB`` = their padded sides, ``f_off``/``f_off_b`` = their
+    offsets) when both padded sides are <= 64.
     """
     stages, f_off, start = [], 0, 0
     for p in range(3):
@@ -388,12 +466,21 @@ def plan_stages(
             continue
         if not dims:
             cb = _best_cb(k, max(tile // block_m, 16))
-            stages.append((p, 0, 1, start, k, 1, 1, k, block_m, cb, 1, 0, 1))
+            stages.append((p, 0, 1, start, k, 1, 1, k, block_m, cb, 1, 0, 1, 0, 0))
         else:
             offs = [f_off + sum(n * n for n in dims[:i]) for i in range(len(dims))]
-            for i in reversed(range(len(dims))):
+            last = len(dims) - 1  # the factor the single stages start from
+            nps = [pow2_at_least(n, 16) for n in dims]
+            if pair and len(dims) >= 2 and max(nps[-2:]) <= 64:
+                # The last two factors in one register pass (both padded sides <= 64).
+                a = math.prod(dims[:-2])
+                ro = min(triton.next_power_of_2(block_m * a), max(tile // (nps[-2] * nps[-1]), 1))
+                stages.append((p, 1, int(len(dims) == 2), start, k, a, dims[-2], dims[-1], ro,
+                               nps[-1], nps[-2], offs[-2], nps[-2], 1, offs[-1]))  # fmt: skip
+                last = len(dims) - 3
+            for i in range(last, -1, -1):
                 a, ni, b = math.prod(dims[:i]), dims[i], math.prod(dims[i + 1 :])
-                np_ = pow2_at_least(ni, 16)
+                np_ = nps[i]
                 kind = 1 if i == len(dims) - 1 else 2
                 # Sides above 64 get half the budget: the fp32 operand splits of a tf32x3 dot
                 # over a 128-wide factor exhaust the registers at full tiles (compile_check).
@@ -401,7 +488,9 @@ def plan_stages(
                 cb = _best_cb(b, max(budget // (16 * np_), 1))
                 ro = min(triton.next_power_of_2(block_m * a), max(budget // (cb * np_), 16))
                 no = min(np_, no_max)
-                stages.append((p, kind, int(i == 0), start, k, a, ni, b, ro, cb, np_, offs[i], no))
+                stages.append(
+                    (p, kind, int(i == 0), start, k, a, ni, b, ro, cb, np_, offs[i], no, 0, 0)
+                )
         f_off += sum(n * n for n in dims)
         start += k
     return tuple(stages)
@@ -449,6 +538,11 @@ def site_quant_constexprs(
         "BLOCK_K": cfg["BLOCK_K"],
         "PREC": precision or TRANSFORM_PRECISION,
     }
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as fp32 (no op dispatched when it already is: less host time per launch)."""
+    return t if t.dtype == torch.float32 else t.float()
 
 
 def _ptr(t: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
@@ -525,7 +619,7 @@ def site_quantize_triton(
     launch = {k: v for k, v in cfg.items() if k.startswith("num_")}
     grid = (triton.cdiv(n, cfg["BLOCK_M"]),)
     site_quant_kernel[grid](
-        x, x.stride(0), perm, smooth.float(), _ptr(factors.float(), sx), act_clip.float(),
+        x, x.stride(0), perm, _f32(smooth), _ptr(_f32(factors), sx), _f32(act_clip),
         xt, qx, sx,
         _ptr(l2, qx), _ptr(l2_scale, sx), l2.stride(0) if has_cws else 0,
         _ptr(hq, qx), _ptr(sh, sx),

@@ -232,19 +232,25 @@ def test_plan_stages_real_models() -> None:
             st = plan_stages(sizes, fd, cfg["BLOCK_M"], cfg["TILE"], cfg["NO"])
             for path in range(3):
                 mine = [s for s in st if s[0] == path]
-                assert len(mine) == (max(len(dims[path]), 1) if sizes[path] else 0)
+                pairs = sum(s[13] for s in mine)
+                assert pairs <= 1
+                assert len(mine) == (max(len(dims[path]), 1) - pairs if sizes[path] else 0)
                 if mine:
                     assert mine[-1][2] == 1 and all(s[2] == 0 for s in mine[:-1])
-            for _p, kind, final, _start, k, a, ni, b, ro, cb, np_, _f_off, no in st:
+                    assert mine[0][1] in (0, 1) and all(s[1] == 2 for s in mine[1:])
+            for st_ in st:
+                _p, kind, final, _start, k, a, ni, b, ro, cb, np_, _f_off, no, pair, _off_b = st_
                 assert a * ni * b == k
                 if kind:
                     assert np_ >= max(ni, 16) and np_ & (np_ - 1) == 0 and no <= np_
                     assert ro * cb * np_ <= cfg["TILE"] and ro * cb >= 16
                     assert ro & (ro - 1) == 0 and cb & (cb - 1) == 0
+                if pair:
+                    assert cb >= max(b, 16) and max(np_, cb) <= 64
+                elif kind:
+                    assert math.ceil(b / cb) * cb / b <= 1.34, (sizes, dims, b, cb)
                 if final:
                     assert a == 1 and cfg["BLOCK_M"] % ro == 0
-                pad = math.ceil(b / cb) * cb / b
-                assert pad <= 1.34, (sizes, dims, b, cb)
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,7 +266,7 @@ QUANT_CASES = [
      torch.float16),
     ((33, 20), (5, 6, 77), ((), (), ()), (2, 4, 2), (2, 4), (2, 3), (33, 4), 0, torch.float32),
     ((25,), (0, 0, 90), ((), (), (2, 3, 15)), (4, 4, 4), (4, 4), (4,), (6,), 1, torch.bfloat16),
-    ((24, 8), (16, 16, 100), ((4, 4), (16,), (100,)), (8, 8, 8), (8, 8), None, None, 0,
+    ((24, 8), (16, 16, 140), ((4, 4), (16,), (2, 70)), (8, 8, 8), (8, 8), None, None, 0,
      torch.float32),
 ]  # fmt: skip
 
@@ -324,11 +330,12 @@ def test_site_quantize_small_tiles(cfg, monkeypatch) -> None:
     import splitq_modifier.kernels.site_quant as sq
 
     monkeypatch.setattr(sq, "site_quant_config", lambda n: dict(cfg))
-    st = sq.plan_stages((24, 0, 120), [4, 6, 0, 0, 0, 0, 2, 3, 20], cfg["BLOCK_M"], cfg["TILE"],
-                        cfg["NO"])  # fmt: skip
+    st = sq.plan_stages((24, 0, 120), [24, 0, 0, 0, 0, 0, 2, 3, 20], cfg["BLOCK_M"],
+                        cfg["TILE"], cfg["NO"])  # fmt: skip
     assert any(s[2] and s[8] < cfg["BLOCK_M"] for s in st)  # a final stage with RO < BLOCK_M
     assert any(s[12] < s[10] for s in st)  # a factor produced in several output blocks
-    p = make_site((20,), (24, 0, 120), ((4, 6), (), (2, 3, 20)), (4, 4, 4), (4, 4, 8), (3,),
+    assert any(s[13] for s in st) and any(s[1] and not s[13] for s in st)  # pair and single
+    p = make_site((20,), (24, 0, 120), ((24,), (), (2, 3, 20)), (4, 4, 4), (4, 4, 8), (3,),
                   (4,), seed=4)  # fmt: skip
     x = make_x(N_TOKENS, p.d_in, torch.float32)
     got = sq.site_quantize_triton(x, *quant_args(p), store_uq=True)
