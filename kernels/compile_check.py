@@ -11,10 +11,11 @@ which cannot be compiled.
 The default set covers every block configuration of both kernels at least once and every
 shape family of the real-model table (:mod:`splitq_modifier.widths`) at least once: one dense
 factor per outlier path with a balanced pair on the main path (Qwen2.5-VL-7B attention input,
-54 x 64), two-factor outlier paths with the widest balanced pair (Qwen2.5-VL-72B attention
-input, 64 x 123), both sides above 64 (LLaVA-1.5-7B MLP down, 96 x 110) and three factors
-(Qwen2.5-VL-7B MLP down, 24 x 27 x 28). ``--all`` builds kernel A for every distinct site of
-the table at every token configuration (long: minutes per site on a slow CPU).
+54 x 64, at the decode configuration), two-factor outlier paths with the widest balanced pair
+(Qwen2.5-VL-72B attention input, 64 x 123) and three factors (Qwen2.5-VL-7B MLP down,
+24 x 27 x 28), both at the prefill configuration. ``--all`` builds kernel A for every distinct
+site of the table (96 x 110 and the other pairs included) at both configurations (long: tens
+of seconds per build on a slow CPU).
 """
 
 from __future__ import annotations
@@ -64,12 +65,12 @@ _GEMM_PTRS = {
     "mask_ptr": "*u8", "bias_ptr": "*bf16",
 }  # fmt: skip
 
-#: (label, model, site) of the shape families built by default.
+#: (label, model, site, token count) of the kernel A builds by default: each shape family
+#: once, each block configuration (decode, prefill) at least once.
 FAMILY_SITES = (
-    ("1-factor outliers, 54x64 main", "Qwen2.5-VL-7B", "attn_in"),
-    ("2-factor outliers, 64x123 main", "Qwen2.5-VL-72B", "attn_in"),
-    ("2-factor outliers, 96x110 main", "LLaVA-1.5-7B", "mlp_down"),
-    ("2-factor outliers, 24x27x28 main", "Qwen2.5-VL-7B", "mlp_down"),
+    ("1-factor outliers, 54x64 main", "Qwen2.5-VL-7B", "attn_in", SITE_QUANT_GPU_TOKENS[0]),
+    ("2-factor outliers, 64x123 main", "Qwen2.5-VL-72B", "attn_in", SITE_QUANT_GPU_TOKENS[1]),
+    ("2-factor outliers, 24x27x28 main", "Qwen2.5-VL-7B", "mlp_down", SITE_QUANT_GPU_TOKENS[1]),
 )
 
 
@@ -121,7 +122,7 @@ def real_site(model: str, site: str) -> dict:
 
 
 def _quant_spec(label: str, site: dict, n_tokens: int, branch_bits=(4, 4, 3, 4)) -> tuple:
-    cfg = site_quant_config(n_tokens)
+    cfg = site_quant_config(n_tokens, interpret=False)
     const = site_quant_constexprs(
         site["sizes"], site["factor_dims"], site["cws_ranks"], site["mac_ranks"], (4, 4, 4),
         branch_bits, 0, False, cfg,
@@ -142,15 +143,13 @@ def kernel_specs(all_sites: bool = False) -> list[tuple[str, str, dict, dict, di
     """``(label, kernel name, constexprs, options, integer arguments)`` of every configuration
     to build (the integers: real-site values of the strides, for :func:`_attrs`).
 
-    Kernel A: every family of :data:`FAMILY_SITES` at the prefill configuration and the
-    first family also at the decode one (``--all``: every distinct real-model site at every
+    Kernel A: :data:`FAMILY_SITES` (``--all``: every distinct real-model site at every
     configuration). MAC factors are 3-bit and CWS 4-bit, so both unpack variants are built.
     Kernel B: every token-count configuration of :data:`SITE_GEMM_GPU_CONFIGS`, with both
     branches, the text mask and bias on, at real sites with 3, 2 and 1 linears, mixing weight
     bits 4/3/2 and 8.
     """
     specs = []
-    decode, prefill = SITE_QUANT_GPU_TOKENS
     if all_sites:
         from splitq_modifier.widths import REAL_MODELS, site_widths
 
@@ -158,18 +157,19 @@ def kernel_specs(all_sites: bool = False) -> list[tuple[str, str, dict, dict, di
         for model in REAL_MODELS:
             for name in site_widths(REAL_MODELS[model]):
                 site = real_site(model, name)
-                key = (site["sizes"], site["dims"], site["cws_ranks"], site["mac_ranks"])
-                if key in seen:
-                    continue
-                seen.add(key)
                 for n in SITE_QUANT_GPU_TOKENS:
-                    specs.append(_quant_spec(f"{model}:{name} {site['dims']}", site, n))
+                    spec = _quant_spec(f"{model}:{name} {site['dims']}", site, n)
+                    # Same generated code: same stage table modulo path offsets and widths,
+                    # same padded ranks and number of linears.
+                    c = spec[2]
+                    shape = tuple(st[5:11] + st[12:14] for st in c["STAGES"])
+                    key = (n, shape, c["R1_P"], c["R2_P"], len(c["SEG1"]), len(c["SEG2"]))
+                    if key not in seen:
+                        seen.add(key)
+                        specs.append(spec)
     else:
-        for i, (label, model, name) in enumerate(FAMILY_SITES):
-            site = real_site(model, name)
-            if i == 0:
-                specs.append(_quant_spec(label, site, decode))
-            specs.append(_quant_spec(label, site, prefill))
+        for label, model, name, n in FAMILY_SITES:
+            specs.append(_quant_spec(label, real_site(model, name), n))
     gemm_sites = (
         ("Qwen2.5-VL-7B", "attn_in", (4, 3, 2), (4, 4, 3, 4)),
         ("Qwen2.5-VL-7B", "mlp_in", (8, 4, 3), (3, 4, 2, 4)),
@@ -178,7 +178,7 @@ def kernel_specs(all_sites: bool = False) -> list[tuple[str, str, dict, dict, di
     )
     for cfg_row, (model, name, w_bits, branch_bits) in zip(SITE_GEMM_GPU_CONFIGS, gemm_sites):
         max_n = cfg_row[0] or 4096
-        cfg = site_gemm_config(max_n)
+        cfg = site_gemm_config(max_n, interpret=False)
         site = real_site(model, name)
         const = site_gemm_constexprs(
             site["sizes"], site["out_splits"], site["cws_ranks"], site["mac_ranks"], w_bits,
