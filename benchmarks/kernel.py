@@ -274,6 +274,9 @@ def print_roofline(sites: list[SiteSpec], tokens) -> None:
             t_bf = sum(c.time(gpu) for s in sites for c in bf16_costs(s, n))
             print(f"| {gname} | {n} | {t_bf * 1e6:.1f} | {t_sq * 1e6:.1f} | {t_a * 1e6:.1f} "
                   f"| {t_bf / t_sq:.2f}x | {t_l2 * 1e6:.1f} | {t_bf / t_l2:.2f}x |")  # fmt: skip
+    print("(not modelled: launch latency; kernel A's grid is one program per 16 tokens up to 64 "
+          "tokens, so at decode a single SM streams the site's branch down-factors; the bf16 "
+          "side assumes cuBLAS reaches the same peaks)")  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
