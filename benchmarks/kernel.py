@@ -1,20 +1,33 @@
-"""Benchmark one SplitQ linear against torch's bf16 matmul at Qwen2.5-VL-7B shapes.
+"""SplitQ site kernels vs bf16, per decoder layer at real widths.
 
-    python benchmarks/kernel.py                      # W4A4, all shapes and token counts
-    python benchmarks/kernel.py --bits W4A4 W3A3 W4A8 --tokens 16 2048
+    python benchmarks/kernel.py                        # Qwen2.5-VL-7B, W4A4
+    python benchmarks/kernel.py --model Qwen2.5-VL-72B --tokens 1 2048
 
-The SplitQ side includes the torch-side online transform of the activation site: gather of the
-channels into path order, a dense transform on each outlier path (kv = kt = 2% of d) and a
-Kronecker pair on the main path, then ``torch.ops.splitq.linear`` with the CWS (rank 2%) and MAC
-(rank 3%) branches and a mixed text/vision mask. In a model the transform is shared by the
-linears that read the same site (q/k/v, gate/up), so "op only" is the per-linear cost there.
+A decoder layer has four activation sites (attention input q/k/v, attention output o, MLP input
+gate/up, MLP down), each one ``torch.ops.splitq.site_linear`` call = kernel A (transform +
+quantize + branch down-projections) + kernel B (GEMM over the site's concatenated weights +
+branch up-projections + bias). The bf16 layer runs its seven linears as seven GEMMs. Layout and
+ranks are the recipe defaults: 2 % outlier paths per modality, CWS rank 2 % and MAC rank 3 % of
+each linear's full rank, outlier paths and branches at max(b, 4) bits.
 
-Bit widths follow DESIGN.md: the outlier paths and the branches use max(b, 4) bits.
-Weight bytes: packed codes + scales + branch factors (+ the site transform, counted once per
-linear here) against bf16 weights.
+Printed:
 
-Without a CUDA GPU the script says so and times the torch reference path on CPU at small token
-counts only (those are reference numbers, not kernel numbers). Never used as a timed test.
+(a) launches per layer forward: Triton launches counted by a pre-run hook on the two kernels
+    and the torch ops under the four ``splitq::site_linear`` calls (``torch.profiler``), on
+    tiny shapes (under Triton's interpreter when there is no GPU), against the bf16 layer's
+    seven GEMMs;
+(b) bytes read and written per layer and per token, from the kernels' shapes (weights,
+    scales, factors, branch factors, activations, codes, kernel A's fp32 work buffer counted
+    as memory traffic, outputs), SplitQ vs bf16;
+(c) a roofline estimate on H100 and H200 SXM (989 bf16 TFLOP/s, 494 TF32, 1979 int8 TOP/s,
+    3.35 / 4.8 TB/s): per kernel ``max(compute, memory)``, summed over the layer's kernels;
+    kernel A's transform is tf32x3 (three TF32 passes), tiles padded as the launchers pad them;
+(d) transform precision: quantization codes that flip against an fp64 transform, for fp32
+    (what the kernels compute) and for TF32 operands (emulated), on a real-width site;
+(e) on a GPU only: the measured time of a decoder layer (RMSNorm, the four sites or seven
+    bf16 linears, SDPA attention without rotary or KV cache, SiLU-gated MLP, residuals) at
+    the model's widths, CUDA graphs for 1-16 tokens, and the card's name. Without a GPU the
+    script says so. Ratios are printed; nothing is asserted.
 """
 
 from __future__ import annotations
@@ -22,193 +35,514 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
-import statistics
-import time
-from collections.abc import Callable
+from collections import Counter
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from splitq_modifier.runtime import (
-    SplitQLinearParams,
-    random_splitq_params,
-    splitq_linear,
-    splitq_linear_reference,
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:  # the kernels run under Triton's interpreter: set before they are imported
+    os.environ.setdefault("SPLITQ_TRITON_INTERPRET", "1")
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from splitq_modifier.acc import branch_rank  # noqa: E402
+from splitq_modifier.layout import plan_site  # noqa: E402
+from splitq_modifier.runtime import (  # noqa: E402
+    SiteParams,
+    build_site_params,
+    packed_words,
+    quantize_per_token,
+    site_linear,
 )
+from splitq_modifier.runtime.reference import flatten_factor_dims, split_factors  # noqa: E402
+from splitq_modifier.widths import REAL_MODELS, ModelWidths, site_widths  # noqa: E402
 
-HIDDEN, INTERMEDIATE = 3584, 18944
-SHAPES = {
-    "3584->3584": (HIDDEN, HIDDEN),
-    "3584->18944": (HIDDEN, INTERMEDIATE),
-    "18944->3584": (INTERMEDIATE, HIDDEN),
+TOKENS = (1, 16, 256, 2048, 8192)
+SITES = ("attn_in", "attn_out", "mlp_in", "mlp_down")
+#: Physical limits (DESIGN.md section 6): TFLOP/s bf16, TF32 dense (half bf16), int8; TB/s.
+GPUS = {
+    "H100 SXM": {"bf16": 989e12, "tf32": 494.5e12, "int8": 1979e12, "hbm": 3.35e12},
+    "H200 SXM": {"bf16": 989e12, "tf32": 494.5e12, "int8": 1979e12, "hbm": 4.8e12},
 }
-TOKENS = (1, 16, 512, 2048, 8192)
-CPU_TOKENS = (1, 16)
 
 
-def kron_factors(n: int) -> tuple[int, int]:
-    """The two divisors ``a * b = n`` nearest ``sqrt(n)`` (``a <= b``)."""
-    a = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
-    return a, n // a
+# --------------------------------------------------------------------------------------------
+# Site layout at real widths
+# --------------------------------------------------------------------------------------------
+@dataclass
+class SiteSpec:
+    """Shapes of one site: path widths, factor sides, linears, branch ranks, bits."""
+
+    name: str
+    sizes: tuple[int, int, int]
+    dims: tuple[tuple[int, ...], ...]
+    out_splits: tuple[int, ...]
+    cws: tuple[int, ...]
+    mac: tuple[int, ...]
+    w_bits: tuple[int, int, int]
+    a_bits: tuple[int, int, int]
+    branch_bits: tuple[int, int]
+    bias: bool
+
+    @property
+    def d(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def big_d(self) -> int:
+        return sum(self.out_splits)
 
 
-class OnlineTransform:
-    """Gather + per-path transforms of one activation site (random orthogonal factors)."""
-
-    def __init__(self, d: int, kv: int, kt: int, device: torch.device, dtype: torch.dtype):
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        self.kv, self.kt, self.km = kv, kt, d - kv - kt
-        self.a, self.b = kron_factors(self.km)
-
-        def orth(n: int) -> torch.Tensor:
-            q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen))
-            return q.to(device=device, dtype=dtype)
-
-        self.perm = torch.randperm(d, generator=gen).to(device)
-        self.pv = orth(kv) if kv else None
-        self.pt = orth(kt) if kt else None
-        self.p1t = orth(self.a).T.contiguous()
-        self.p2 = orth(self.b)
-
-    def nbytes(self) -> int:
-        ts = [self.perm.to(torch.int32), self.p1t, self.p2] + [
-            t for t in (self.pv, self.pt) if t is not None
-        ]
-        return sum(t.numel() * t.element_size() for t in ts)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        xg = x[:, self.perm]
-        parts = []
-        if self.kv:
-            parts.append(xg[:, : self.kv] @ self.pv)
-        if self.kt:
-            parts.append(xg[:, self.kv : self.kv + self.kt] @ self.pt)
-        xm = xg[:, self.kv + self.kt :].reshape(n, self.a, self.b)
-        # x (P1 kron P2) == vec(P1^T X P2) for the row-major (a, b) view of x.
-        parts.append(torch.matmul(self.p1t, xm).matmul(self.p2).reshape(n, self.km))
-        return torch.cat(parts, dim=1)
+def layer_sites(m: ModelWidths, wb: int, ab: int, branches: bool = True) -> list[SiteSpec]:
+    """The four sites of one decoder layer of ``m`` (recipe defaults, see the module doc)."""
+    out = []
+    fw, fa = max(wb, 4), max(ab, 4)
+    for name, (d, outs) in site_widths(m).items():
+        plan = plan_site(d, outs, 0.02, 0.02)
+        km = plan.sizes[2]
+        cws = tuple(branch_rank(0.02, o, km) for o in outs) if branches else ()
+        mac = tuple(branch_rank(0.03, o, km) for o in outs) if branches else ()
+        bias = name == "attn_in" and m.model_type.startswith("qwen2")  # q/k/v biases
+        spec = SiteSpec(name, plan.sizes, plan.dims, tuple(outs), cws, mac, (fw, fw, wb),
+                        (fa, fa, ab), (fw, fa), bias)  # fmt: skip
+        out.append(spec)
+    return out
 
 
-def parse_bits(s: str) -> tuple[int, int]:
-    """``'W4A4'`` -> ``(4, 4)``."""
-    m = re.fullmatch(r"[Ww](\d)[Aa](\d)", s)
-    if not m:
-        raise argparse.ArgumentTypeError(f"bits must look like W4A4, got {s!r}")
-    return int(m.group(1)), int(m.group(2))
+def build_params(s: SiteSpec, device, seed: int = 0) -> SiteParams:
+    """Random site parameters of shape ``s`` (weights quantized and packed on ``device``)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    km = s.sizes[2]
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device)
+
+    def orth(n):
+        q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+        return q.float().to(device)
+
+    def branch(ranks):
+        if not ranks:
+            return None
+        downs = [rnd(r, km, scale=km**-0.5) for r in ranks]
+        ups = [rnd(o, r, scale=0.1 * s.d**-0.5) for o, r in zip(s.out_splits, ranks)]
+        return downs, ups
+
+    return build_site_params(
+        [rnd(s.big_d, k, scale=s.d**-0.5) for k in s.sizes],
+        s.out_splits,
+        torch.randperm(s.d, generator=gen).to(device),
+        (torch.rand(s.d, generator=gen) + 0.5).to(device),
+        [[orth(n) for n in path] for path in s.dims],
+        s.w_bits,
+        s.a_bits,
+        (0.95, 0.95, 0.9),
+        branch(s.cws),
+        branch(s.mac),
+        s.branch_bits,
+        0,
+        rnd(s.big_d).to(torch.bfloat16) if s.bias else None,
+    )
 
 
-def build(d_in: int, d_out: int, wb: int, ab: int, device, branches: bool = True):
-    """Random SplitQ parameters and site transform at one shape."""
-    kv = kt = math.ceil(0.02 * d_in)
-    km = d_in - kv - kt
-    full_rank = min(d_out, km)
-    r1 = math.ceil(0.02 * full_rank) if branches else 0
-    r2 = math.ceil(0.03 * full_rank) if branches else 0
-    fb_w, fb_a = max(wb, 4), max(ab, 4)
-    params = random_splitq_params(
-        d_out, (kv, kt, km), (fb_w, fb_w, wb), (fb_a, fb_a, ab), r1, r2,
-        (fb_w, fb_a), (fb_w, fb_a), mac_input=0, act_clip=(0.95, 0.95, 0.9), device=device,
-    )  # fmt: skip
-    transform = OnlineTransform(d_in, kv, kt, device, torch.bfloat16)
-    return params, transform, (kv, kt, km, r1, r2)
+# --------------------------------------------------------------------------------------------
+# (b) + (c): bytes, FLOPs and the roofline, from the launchers' own tile plans
+# --------------------------------------------------------------------------------------------
+@dataclass
+class KernelCost:
+    """One launch: bytes moved and multiply-adds by unit."""
+
+    name: str
+    read: int
+    write: int
+    macs: dict  # unit -> MACs ("bf16", "int8", "tf32x3")
+    scratch: int = 0  # of read + write: kernel A's fp32 work buffer
+
+    def time(self, gpu: dict, scratch_in_hbm: bool = True) -> float:
+        """Roofline seconds: ``max(compute, memory)`` (the work buffer counted as HBM traffic,
+        or not: the bound where it stays in L2)."""
+        compute = 0.0
+        for unit, macs in self.macs.items():
+            rate = gpu["tf32"] / 3 if unit == "tf32x3" else gpu[unit]
+            compute += 2 * macs / rate
+        moved = self.read + self.write - (0 if scratch_in_hbm else self.scratch)
+        return max(compute, moved / gpu["hbm"])
 
 
-def bench_gpu(fn: Callable[[], object]) -> float:
-    """Median milliseconds of ``fn`` on the GPU (triton's do_bench: L2 flushed between runs)."""
+def _gpu_configs(n: int) -> tuple[dict, dict]:
+    """The launchers' GPU block configurations for ``n`` tokens."""
+    from splitq_modifier.kernels import site_gemm_config, site_quant_config
+
+    return site_quant_config(n, interpret=False), site_gemm_config(n, interpret=False)
+
+
+def site_costs(s: SiteSpec, n: int) -> list[KernelCost]:
+    """Kernel A and kernel B of one site at ``n`` tokens (bf16 input and output)."""
+    from splitq_modifier.kernels.site_quant import plan_stages, rank_pad
+
+    qcfg, gcfg = _gpu_configs(n)
+    kv, kt, km = s.sizes
+    d, big_d, m = s.d, s.big_d, len(s.out_splits)
+    r1, r2 = sum(s.cws), sum(s.mac)
+    fd = flatten_factor_dims(s.dims)
+    stages = plan_stages(s.sizes, fd, qcfg["BLOCK_M"], qcfg["TILE"], qcfg["NO"])
+    n_a = math.ceil(n / qcfg["BLOCK_M"]) * qcfg["BLOCK_M"]  # token rows padded to the block
+    # kernel A
+    read = n * d * 2 + d * 8 + 4 * sum(k * k for k in fd) + 12
+    for ranks, bits in ((s.cws, s.branch_bits[0]), (s.mac, s.branch_bits[0])):
+        if ranks:
+            read += sum(ranks) * (packed_words(km, bits) * 4 + 4)
+    write = n * (d + 12)
+    if r1:
+        write += n * (r1 + 4 * m)
+    if r2:
+        write += n * (r2 + 4 * m + 4)
+    # fp32 work buffer: every stage writes its path, later stages and the quantize sweep read
+    # it, the MAC sweep reads the main path once more.
+    scratch = 0
+    for p, k in enumerate(s.sizes):
+        n_st = sum(1 for st in stages if st[0] == p)
+        # every stage writes the path, (n_st - 1) stage reads + the quantize sweep read it
+        scratch += 8 * n * k * n_st
+    if r2:
+        scratch += 4 * n * km  # the MAC sweep
+    read += scratch // 2 + (4 * n * km if r2 else 0) // 2
+    write += scratch - scratch // 2 - (4 * n * km if r2 else 0) // 2
+    tf_macs = 0
+    for _p, kind, _f, _st, _k, a, _ni, b, _ro, cb, np_, _off, _no, pair, _offb in stages:
+        if pair:  # [A, NPA, NPB] per token times M_b (NPB^2), then times M_a (NPA^2)
+            tf_macs += n_a * a * np_ * cb * (cb + np_)
+        elif kind:
+            tf_macs += n_a * a * math.ceil(b / cb) * cb * np_ * np_
+    br_macs = n_a * km * ((rank_pad(r1) if r1 else 0) + (rank_pad(r2) if r2 else 0))
+    cost_a = KernelCost(f"{s.name} A", read, write, {"tf32x3": tf_macs, "int8": br_macs},
+                        scratch)  # fmt: skip
+    # kernel B
+    n_b = math.ceil(n / gcfg["BLOCK_T"]) * gcfg["BLOCK_T"]
+    read = sum(big_d * packed_words(k, b) * 4 + big_d * 4 for k, b in zip(s.sizes, s.w_bits))
+    for ranks in (s.cws, s.mac):
+        if ranks:
+            read += big_d * (packed_words(max(ranks), s.branch_bits[0]) * 4 + 4)
+    read += big_d * 2 if s.bias else 0
+    read += n * (d + 12) + (n * (r1 + 4 * m) if r1 else 0) + (n * (r2 + 4 * m + 1) if r2 else 0)
+    write = n * big_d * 2
+    up = (rank_pad(max(s.cws)) if s.cws else 0) + (rank_pad(max(s.mac)) if s.mac else 0)
+    cost_b = KernelCost(f"{s.name} B", read, write, {"int8": n_b * big_d * (d + up)})
+    return [cost_a, cost_b]
+
+
+def bf16_costs(s: SiteSpec, n: int) -> list[KernelCost]:
+    """The site's linears as separate bf16 GEMMs (HF layout: q, k, v apart)."""
+    out = []
+    for j, o in enumerate(s.out_splits):
+        read = n * s.d * 2 + s.d * o * 2 + (o * 2 if s.bias else 0)
+        out.append(KernelCost(f"{s.name} bf16 {j}", read, n * o * 2, {"bf16": n * s.d * o}))
+    return out
+
+
+def print_bytes(sites: list[SiteSpec], tokens) -> None:
+    print("\n(b) bytes read + written per decoder layer (HBM traffic model from kernel shapes)")
+    print("| tokens | SplitQ MB/layer | of which kernel A work buffer MB | bf16 MB/layer "
+          "| SplitQ/bf16 | SplitQ KB/token | bf16 KB/token |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for n in tokens:
+        costs = [c for s in sites for c in site_costs(s, n)]
+        sq = sum(c.read + c.write for c in costs)
+        scratch = sum(c.scratch for c in costs)
+        bf = sum(c.read + c.write for s in sites for c in bf16_costs(s, n))
+        print(f"| {n} | {sq / 1e6:.2f} | {scratch / 1e6:.2f} | {bf / 1e6:.2f} | {sq / bf:.3f} "
+              f"| {sq / n / 1e3:.1f} | {bf / n / 1e3:.1f} |")  # fmt: skip
+    static = sum(c.read + c.write for s in sites for c in site_costs(s, 0))
+    bf_w = sum(c.read + c.write for s in sites for c in bf16_costs(s, 0))
+    print(f"(token-independent part: SplitQ weights, scales, factors, branches {static / 1e6:.2f} "
+          f"MB; bf16 weights and biases {bf_w / 1e6:.2f} MB)")  # fmt: skip
+
+
+def print_roofline(sites: list[SiteSpec], tokens) -> None:
+    print("\n(c) roofline estimate per decoder layer: sum over kernels of max(compute, memory); "
+          "SplitQ with kernel A's work buffer in HBM, and (bound) kept in L2")  # fmt: skip
+    print("| GPU | tokens | bf16 us | SplitQ us | of which kernel A us | est. speedup "
+          "| SplitQ us, buffer in L2 | est. speedup, buffer in L2 |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for gname, gpu in GPUS.items():
+        for n in tokens:
+            sq = [c for s in sites for c in site_costs(s, n)]
+            t_sq = sum(c.time(gpu) for c in sq)
+            t_l2 = sum(c.time(gpu, scratch_in_hbm=False) for c in sq)
+            t_a = sum(c.time(gpu) for c in sq if c.name.endswith(" A"))
+            t_bf = sum(c.time(gpu) for s in sites for c in bf16_costs(s, n))
+            print(f"| {gname} | {n} | {t_bf * 1e6:.1f} | {t_sq * 1e6:.1f} | {t_a * 1e6:.1f} "
+                  f"| {t_bf / t_sq:.2f}x | {t_l2 * 1e6:.1f} | {t_bf / t_l2:.2f}x |")  # fmt: skip
+    print("(not modelled: launch latency; kernel A's grid is one program per 16 tokens up to 64 "
+          "tokens, so at decode a single SM streams the site's branch down-factors; the bf16 "
+          "side assumes cuBLAS reaches the same peaks)")  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# A decoder layer (shared by (a) and (e))
+# --------------------------------------------------------------------------------------------
+class Layer:
+    """A decoder layer with either SplitQ sites or bf16 linears (same norms and attention)."""
+
+    def __init__(self, m: ModelWidths, sites: list[SiteSpec], device, splitq: bool, seed=0):
+        self.m, self.splitq = m, splitq
+        # head_dim 128 where the widths allow (all real models here but Gemma's 256, same
+        # FLOPs), else their gcd (tiny shapes)
+        hd = 128 if m.q_out % 128 == 0 and m.kv_out % 128 == 0 else math.gcd(m.q_out, m.kv_out)
+        self.head_dim, self.heads, self.kv_heads = hd, m.q_out // hd, m.kv_out // hd
+        self.norm = [torch.ones(m.hidden, device=device, dtype=torch.bfloat16) for _ in "12"]
+        self.sites = {s.name: s for s in sites}
+        if splitq:
+            self.params = {s.name: build_params(s, device, seed + i) for i, s in enumerate(sites)}
+        else:
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+            self.w = {
+                s.name: [
+                    (torch.randn(o, s.d, generator=gen) * s.d**-0.5).to(device, torch.bfloat16)
+                    for o in s.out_splits
+                ]
+                for s in sites
+            }
+            self.b = {
+                s.name: [torch.zeros(o, device=device, dtype=torch.bfloat16) for o in s.out_splits]
+                if s.bias
+                else None
+                for s in sites
+            }
+
+    def linears(self, name: str, x: torch.Tensor, mask) -> list[torch.Tensor]:
+        s = self.sites[name]
+        if self.splitq:
+            y = site_linear(x, self.params[name], mask)
+            return list(y.split(list(s.out_splits), dim=-1))
+        bs = self.b[name] or [None] * len(s.out_splits)
+        return [F.linear(x, w, b) for w, b in zip(self.w[name], bs)]
+
+    def __call__(self, h: torch.Tensor, mask) -> torch.Tensor:
+        n = h.shape[0]
+        x = F.rms_norm(h, (h.shape[-1],), self.norm[0])
+        q, k, v = self.linears("attn_in", x, mask)
+        q = q.view(n, self.heads, self.head_dim).transpose(0, 1)
+        k = k.view(n, self.kv_heads, self.head_dim).transpose(0, 1)
+        v = v.view(n, self.kv_heads, self.head_dim).transpose(0, 1)
+        rep = self.heads // self.kv_heads
+        k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        a = a.transpose(0, 1).reshape(n, self.heads * self.head_dim)
+        h = h + self.linears("attn_out", a, mask)[0]
+        x = F.rms_norm(h, (h.shape[-1],), self.norm[1])
+        gate, up = self.linears("mlp_in", x, mask)
+        return h + self.linears("mlp_down", F.silu(gate) * up, mask)[0]
+
+    def sites_only(self, h: torch.Tensor, mask) -> None:
+        """The four site calls alone, on inputs of the right widths."""
+        for name in SITES:
+            s = self.sites[name]
+            x = h if s.d == h.shape[-1] else h.new_ones(h.shape[0], s.d)
+            self.linears(name, x, mask)
+
+
+# --------------------------------------------------------------------------------------------
+# (a) launches
+# --------------------------------------------------------------------------------------------
+_NO_KERNEL = {
+    "aten::empty", "aten::empty_strided", "aten::view", "aten::reshape", "aten::_reshape_alias",
+    "aten::as_strided", "aten::alias", "aten::detach", "aten::lift_fresh", "aten::t",
+    "aten::transpose", "aten::expand", "aten::unsqueeze", "aten::squeeze", "aten::select",
+    "aten::slice", "aten::split", "aten::resolve_conj", "aten::resolve_neg", "aten::to",
+    "aten::contiguous", "aten::stride", "aten::size", "aten::numel", "aten::dim",
+    "aten::is_nonzero", "aten::item", "aten::_local_scalar_dense",
+}  # fmt: skip
+
+
+def _launches_kernel(e) -> bool:
+    """Whether a profiler event or any op under it does device work (not a view, an
+    allocation or a no-op ``to``)."""
+    return e.name not in _NO_KERNEL or any(_launches_kernel(c) for c in e.cpu_children)
+
+
+def count_launches(device) -> None:
+    """Run one tiny decoder layer's four sites through the op; count Triton launches (pre-run
+    hook on the two kernels) and the torch ops inside the op calls (profiler)."""
+    from splitq_modifier.kernels import site_gemm_kernel, site_quant_kernel
+
+    tiny = ModelWidths("tiny", "qwen2_5_vl", 64, 160, 64, 32, 1)
+    sites = layer_sites(tiny, 4, 4)
+    layer = Layer(tiny, sites, device, splitq=True)
+    launches = Counter()
+    for kern, label in ((site_quant_kernel, "kernel A"), (site_gemm_kernel, "kernel B")):
+        kern.add_pre_run_hook(lambda *a, _l=label, **k: launches.update([_l]))
+        # A profiler range around each launch, so that the torch ops Triton's interpreter runs
+        # to emulate the kernel are not counted as the op's own.
+        run = kern.run
+
+        def traced(*a, _run=run, _l=label, **k):
+            with torch.profiler.record_function(f"triton::{_l}"):
+                return _run(*a, **k)
+
+        kern.run = traced
+    print("\n(a) launches per decoder-layer forward (tiny shapes: hidden 64, MLP 160; "
+          f"{'GPU' if device.type == 'cuda' else 'Triton interpreter on CPU'})")  # fmt: skip
+    print("| case | Triton launches | torch ops that launch a kernel | torch ops that do not "
+          "(views, allocations) | launches total | bf16 layer GEMMs |")  # fmt: skip
+    print("|---|---:|---|---|---:|---:|")
+    for case, n, mask in (("prefill, mixed text mask", 24, "mixed"), ("decode, 1 token", 1, None)):
+        h = torch.randn(n, tiny.hidden, device=device, dtype=torch.bfloat16)
+        mask_t = (torch.arange(n, device=device) % 3 != 0) if mask else None
+        layer.sites_only(h, mask_t)  # warm-up (compilation on a GPU)
+        launches.clear()
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            layer.sites_only(h, mask_t)
+        events = prof.events()
+        ops = [e for e in events if e.name == "splitq::site_linear"]
+        inner, kernel_ops = Counter(), set()
+        for e in events:
+            par, in_kernel = e.cpu_parent, False
+            while par is not None and par.name != "splitq::site_linear":
+                in_kernel |= par.name.startswith("triton::")
+                par = par.cpu_parent
+            top = e.cpu_parent is not None and e.cpu_parent.name == "splitq::site_linear"
+            if par is not None and not in_kernel and e.name.startswith("aten::") and top:
+                inner[e.name] += 1
+                if _launches_kernel(e):
+                    kernel_ops.add(e.name)
+        with_k = {k: v for k, v in inner.items() if k in kernel_ops}
+        without = {k: v for k, v in inner.items() if k not in kernel_ops}
+        fmt = lambda c: ", ".join(f"{k[6:]} x{v}" for k, v in sorted(c.items())) or "none"  # noqa: E731
+        tl_n = sum(launches.values())
+        print(f"| {case} ({len(ops)} op calls) | {tl_n} ({dict(launches)}) | {fmt(with_k)} "
+              f"| {fmt(without)} | {tl_n + sum(with_k.values())} | 7 |")  # fmt: skip
+    print("(vLLM-style bf16 with fused qkv and gate/up projections: 4 GEMMs; norms, attention "
+          "and activations are the same in both and not counted)")  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# (d) transform precision
+# --------------------------------------------------------------------------------------------
+def _tf32(t: torch.Tensor) -> torch.Tensor:
+    b = t.contiguous().view(torch.int32)
+    return ((b + 0x1000) & ~0x1FFF).view(torch.float32)  # round to 10 mantissa bits
+
+
+def _kron(x, mats, rnd):
+    if not mats:
+        return x
+    if len(mats) == 1:
+        return rnd(x) @ rnd(mats[0])
+    dims = [int(m.shape[0]) for m in mats]
+    y = rnd(x.reshape(-1, dims[-1])) @ rnd(mats[-1])
+    post = dims[-1]
+    for i in range(len(mats) - 2, -1, -1):
+        y = torch.matmul(rnd(mats[i]).T, rnd(y.reshape(-1, dims[i], post)))
+        post *= dims[i]
+    return y.reshape(x.shape[0], -1)
+
+
+def print_precision(sites: list[SiteSpec], n: int = 256) -> None:
+    print(f"\n(d) transform precision: share of activation codes that flip against an fp64 "
+          f"transform ({n} tokens, Gaussian input with 1 % outlier channels x20)")  # fmt: skip
+    print("| site | factors (main) | a_bits | fp32 (kernels) | TF32 operands (emulated) |")
+    print("|---|---|---:|---:|---:|")
+    gen = torch.Generator().manual_seed(0)
+    for s in sites:
+        if s.name not in ("attn_in", "mlp_down"):
+            continue
+        p = build_params(
+            SiteSpec(s.name, s.sizes, s.dims, (64,), (), (), (4, 4, 4), (4, 4, 4), (4, 4), False),
+            "cpu",
+        )  # fmt: skip
+        x = torch.randn(n, s.d, generator=gen) * (torch.rand(s.d, generator=gen) * 3 + 0.2)
+        x[:, torch.randperm(s.d, generator=gen)[: max(1, s.d // 100)]] *= 20
+        xs = (x[:, p.perm.long()] * p.smooth).split(list(s.sizes), 1)
+        mats = split_factors(p.factors, flatten_factor_dims(s.dims))
+        exact = torch.cat([_kron(a.double(), [m.double() for m in ms], lambda t: t)
+                           for a, ms in zip(xs, mats)], 1).float()  # fmt: skip
+        f32 = torch.cat([_kron(a, ms, lambda t: t) for a, ms in zip(xs, mats)], 1)
+        tf = torch.cat([_kron(a, ms, _tf32) for a, ms in zip(xs, mats)], 1)
+        for bits in (4, 8):
+            flips = {"f32": 0, "tf": 0}
+            off = 0
+            for k in s.sizes:
+                q0 = quantize_per_token(exact[:, off : off + k], bits)[0]
+                for key, v in (("f32", f32), ("tf", tf)):
+                    q = quantize_per_token(v[:, off : off + k], bits)[0]
+                    flips[key] += int((q != q0).sum())
+                off += k
+            tot = n * s.d
+            print(f"| {s.name} | {'x'.join(map(str, s.dims[2]))} | {bits} "
+                  f"| {flips['f32'] / tot:.1e} | {flips['tf'] / tot:.1e} |")  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# (e) GPU timing
+# --------------------------------------------------------------------------------------------
+def time_gpu(m: ModelWidths, sites: list[SiteSpec], tokens) -> None:
     import triton.testing
 
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-
-
-def bench_cpu(fn: Callable[[], object], iters: int = 1) -> float:
-    """Median milliseconds of ``fn`` on the CPU (one warm-up run; one timed run by default to
-    keep the CPU fallback within a couple of minutes)."""
-    fn()
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
-
-
-def check_gpu(device: torch.device) -> str:
-    """Kernels vs the torch reference at a small shape before timing (max relative error)."""
-    params, transform, _ = build(1024, 512, 4, 4, device)
-    x = transform(torch.randn(77, 1024, device=device, dtype=torch.bfloat16))
-    mask = torch.arange(77, device=device) % 2 == 0
-    y = splitq_linear(x, params, mask)
-    sizes, a, w, bb, mi = params.int_args()
-    ref = splitq_linear_reference(x, *params.op_args(), mask, None, sizes, a, w, bb, mi)
-    err = ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
-    status = "ok" if err < 1e-2 else "MISMATCH"
-    return f"kernel vs reference (bf16, 77 tokens): max rel err {err:.2e} ({status})"
+    dev = torch.device("cuda")
+    print(f"\n(e) measured decoder layer on {torch.cuda.get_device_name()} "
+          f"({m.name} widths, bf16 activations)")  # fmt: skip
+    sq_layer = Layer(m, sites, dev, splitq=True)
+    bf_layer = Layer(m, sites, dev, splitq=False)
+    print("| tokens | bf16 ms | SplitQ ms | SplitQ/bf16 time | speedup | timing |")
+    print("|---:|---:|---:|---:|---:|---|")
+    for n in tokens:
+        h = torch.randn(n, m.hidden, device=dev, dtype=torch.bfloat16)
+        mask = (torch.arange(n, device=dev) >= n // 2) if n > 16 else None
+        res = {}
+        for name, layer in (("bf16", bf_layer), ("splitq", sq_layer)):
+            fn = lambda layer=layer, h=h, mask=mask: layer(h, mask)  # noqa: E731
+            fn()
+            torch.cuda.synchronize()
+            if n <= 16:
+                res[name] = triton.testing.do_bench_cudagraph(fn, rep=100)
+                how = "CUDA graph"
+            else:
+                res[name] = triton.testing.do_bench(fn, warmup=10, rep=100)
+                how = "do_bench"
+        print(f"| {n} | {res['bf16']:.3f} | {res['splitq']:.3f} "
+              f"| {res['splitq'] / res['bf16']:.2f} | {res['bf16'] / res['splitq']:.2f}x | {how} |",
+              flush=True)  # fmt: skip
+        torch.cuda.empty_cache()
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the benchmark and print a markdown table."""
+    """Print (a)-(d), and (e) where a GPU exists."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument(
-        "--bits",
-        nargs="+",
-        type=parse_bits,
-        default=[(4, 4)],
-        help="weight/activation bits of the main path, e.g. W4A4 W3A3 W4A8",
-    )
-    ap.add_argument("--tokens", nargs="+", type=int, default=None)
-    ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    ap.add_argument("--model", default="Qwen2.5-VL-7B", choices=list(REAL_MODELS))
+    ap.add_argument("--bits", default="W4A4", help="main-path bits, e.g. W4A4, W3A3, W4A8")
+    ap.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
     ap.add_argument("--no-branches", action="store_true", help="leave CWS and MAC out")
     args = ap.parse_args(argv)
+    wb, ab = int(args.bits[1]), int(args.bits[3])
+    m = REAL_MODELS[args.model]
+    sites = layer_sites(m, wb, ab, not args.no_branches)
 
-    on_gpu = torch.cuda.is_available()
-    if on_gpu:
+    print(f"SplitQ {args.bits} vs bf16, one decoder layer of {m.name} (hidden {m.hidden}, "
+          f"MLP {m.intermediate}, q {m.q_out}, kv {m.kv_out})")  # fmt: skip
+    if HAS_GPU:
+        print(f"GPU: {torch.cuda.get_device_name()}")
+    else:
+        print("No CUDA GPU here: (a) runs under Triton's interpreter on tiny shapes, (b)-(d) are "
+              "computed, the measured timing (e) needs a GPU and is skipped.")  # fmt: skip
+    print("| site | d | paths kv/kt/km | factors v / t / m | linears | CWS ranks | MAC ranks |")
+    print("|---|---:|---|---|---|---|---|")
+    for s in sites:
+        dims = " / ".join("x".join(map(str, f)) or "-" for f in s.dims)
+        print(f"| {s.name} | {s.d} | {'/'.join(map(str, s.sizes))} | {dims} "
+              f"| {'+'.join(map(str, s.out_splits))} | {s.cws} | {s.mac} |")  # fmt: skip
+
+    count_launches(torch.device("cuda" if HAS_GPU else "cpu"))
+    print_bytes(sites, args.tokens)
+    print_roofline(sites, args.tokens)
+    print_precision(sites)
+    if HAS_GPU:
         if os.environ.get("TRITON_INTERPRET", "0") == "1":
             print("warning: TRITON_INTERPRET=1 is set, the kernels run in the interpreter")
-        device = torch.device("cuda")
-        dev_name = torch.cuda.get_device_name()
-        tokens = args.tokens or TOKENS
-        timer = bench_gpu
-        print(f"device: {dev_name}")
-        print(check_gpu(device))
-    else:
-        device = torch.device("cpu")
-        dev_name = f"CPU ({os.cpu_count()} cores), torch reference path"
-        tokens = [t for t in (args.tokens or CPU_TOKENS) if t <= 16] or list(CPU_TOKENS)
-        timer = bench_cpu
-        print("No CUDA GPU present: timing the torch reference path on CPU at "
-              f"{tokens} tokens only (reference numbers, not kernel numbers).")  # fmt: skip
-
-    print()
-    print("| shape | tokens | bits | paths kv/kt/km | ranks r1/r2 | bf16 ms | SplitQ ms "
-          "| op only ms | time SplitQ/bf16 | weight bytes SplitQ/bf16 | device |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for name in args.shapes:
-        d_in, d_out = SHAPES[name]
-        w_bf16 = torch.randn(d_out, d_in, device=device, dtype=torch.bfloat16) * d_in**-0.5
-        for wb, ab in args.bits:
-            params: SplitQLinearParams
-            params, transform, (kv, kt, km, r1, r2) = build(
-                d_in, d_out, wb, ab, device, not args.no_branches
-            )
-            bytes_ratio = (params.weight_bytes() + transform.nbytes()) / (d_in * d_out * 2)
-            for n in tokens:
-                x = torch.randn(n, d_in, device=device, dtype=torch.bfloat16)
-                mask = torch.arange(n, device=device) >= n // 2  # first half vision
-                xt = transform(x)
-
-                t_bf16 = timer(lambda x=x, w=w_bf16: F.linear(x, w))
-                t_sq = timer(lambda x=x, m=mask, p=params, tf=transform: splitq_linear(tf(x), p, m))
-                t_op = timer(lambda xt=xt, m=mask, p=params: splitq_linear(xt, p, m))
-                print(
-                    f"| {name} | {n} | W{wb}A{ab} | {kv}/{kt}/{km} | {r1}/{r2} | {t_bf16:.3f} "
-                    f"| {t_sq:.3f} | {t_op:.3f} | {t_sq / t_bf16:.2f} | {bytes_ratio:.3f} "
-                    f"| {dev_name} |",
-                    flush=True,
-                )
-        if on_gpu:
-            torch.cuda.empty_cache()
+        time_gpu(m, sites, args.tokens)
 
 
 if __name__ == "__main__":

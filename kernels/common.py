@@ -1,4 +1,5 @@
-"""Shared Triton helpers: rounding, symmetric quantization, unpacking of dense-packed codes.
+"""Shared Triton helpers: rounding, symmetric quantization, unpacking of dense-packed codes,
+per-segment quantization of the branch hidden states.
 
 Interpreter notes (DESIGN.md section 4): under ``TRITON_INTERPRET=1`` bf16 arithmetic is wrong,
 so every load is converted to fp32 at once; ``libdevice.rint`` fails, so rounding is written
@@ -80,7 +81,9 @@ def load_packed_kmajor(
         shifts = (tl.arange(0, E) * BITS)[None, :, None]
         # Arithmetic shift is fine: the mask keeps bits [s, s + BITS) <= 31 only.
         codes = (words >> shifts) & ((1 << BITS) - 1)  # [BLOCK_K // E, E, BLOCK_N]
-        out = (tl.reshape(codes, [BLOCK_K, BLOCK_N]) - (1 << (BITS - 1))).to(tl.int8)
+        # To int8 before the reshape: a reshape may go through a layout conversion, which
+        # should move bytes, not int32 words.
+        out = tl.reshape((codes - (1 << (BITS - 1))).to(tl.int8), [BLOCK_K, BLOCK_N])
     elif BITS == 3:
         g_word = (k0 // 32) * 3 + tl.arange(0, BLOCK_K // 32) * 3
         base = ptr + n_idx[None, None, :] * row_stride + g_word[:, None, None]
@@ -97,8 +100,8 @@ def load_packed_kmajor(
         hi = tl.where(sel == 0, w1, w2)
         spill = (off + 3) > 32
         v = (lo >> off) | tl.where(spill, hi << ((32 - off) & 31), 0)
-        codes = tl.reshape((v & 7).to(tl.int32, bitcast=True), [BLOCK_K, BLOCK_N])
-        out = (codes - 4).to(tl.int8)
+        codes = ((v & 7).to(tl.int32, bitcast=True) - 4).to(tl.int8)
+        out = tl.reshape(codes, [BLOCK_K, BLOCK_N])
     else:
         kk = k0 + tl.arange(0, BLOCK_K)
         out = unpack_codes(
@@ -130,3 +133,73 @@ def unpack_codes(ptr, rows, cols, row_stride, mask, BITS: tl.constexpr):
         v = v | (w1 << tl.where(spill, 32 - off, 0))
     v = (v & ((1 << BITS) - 1)).to(tl.int32, bitcast=True)
     return (v - (1 << (BITS - 1))).to(tl.int8)
+
+
+@triton.jit
+def load_packed_rows(
+    ptr, r_idx, r_mask, row_stride, k0, K,
+    BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """Load a row-major ``[BLOCK_R, BLOCK_K]`` int8 tile of a dense-packed int32 matrix.
+
+    Element ``(r, k)`` is code ``k0 + k`` of row ``r_idx[r]`` (same packing and requirements as
+    :func:`load_packed_kmajor`, of which this is the transpose). The GEMM uses it for the
+    unpacked weights as the *left* ``tl.dot`` operand: on Hopper, WGMMA reads only its A
+    operand from registers, so a tile unpacked in registers goes there without a round trip
+    through shared memory, and the tokens sit on the (small) N side.
+    """
+    n_words = (K * BITS + 31) // 32
+    if (32 % BITS) == 0:
+        E: tl.constexpr = 32 // BITS
+        w_idx = k0 // E + tl.arange(0, BLOCK_K // E)
+        wmask = r_mask[:, None, None] & (w_idx < n_words)[None, :, None]
+        words = tl.load(
+            ptr + r_idx[:, None, None] * row_stride + w_idx[None, :, None], mask=wmask, other=0
+        )  # [BLOCK_R, BLOCK_K // E, 1] int32
+        shifts = (tl.arange(0, E) * BITS)[None, None, :]
+        codes = (words >> shifts) & ((1 << BITS) - 1)  # [BLOCK_R, BLOCK_K // E, E]
+        out = tl.reshape((codes - (1 << (BITS - 1))).to(tl.int8), [BLOCK_R, BLOCK_K])
+    elif BITS == 3:
+        g_word = (k0 // 32) * 3 + tl.arange(0, BLOCK_K // 32) * 3
+        base = ptr + r_idx[:, None, None] * row_stride + g_word[None, :, None]
+        m0 = r_mask[:, None, None] & (g_word < n_words)[None, :, None]
+        m1 = r_mask[:, None, None] & ((g_word + 1) < n_words)[None, :, None]
+        m2 = r_mask[:, None, None] & ((g_word + 2) < n_words)[None, :, None]
+        w0 = tl.load(base, mask=m0, other=0).to(tl.uint32, bitcast=True)
+        w1 = tl.load(base + 1, mask=m1, other=0).to(tl.uint32, bitcast=True)
+        w2 = tl.load(base + 2, mask=m2, other=0).to(tl.uint32, bitcast=True)
+        bit = (tl.arange(0, 32) * 3)[None, None, :]
+        sel = bit >> 5
+        off = (bit & 31).to(tl.uint32)
+        lo = tl.where(sel == 0, w0, tl.where(sel == 1, w1, w2))
+        hi = tl.where(sel == 0, w1, w2)
+        spill = (off + 3) > 32
+        v = (lo >> off) | tl.where(spill, hi << ((32 - off) & 31), 0)
+        codes = ((v & 7).to(tl.int32, bitcast=True) - 4).to(tl.int8)
+        out = tl.reshape(codes, [BLOCK_R, BLOCK_K])
+    else:
+        kk = k0 + tl.arange(0, BLOCK_K)
+        out = unpack_codes(
+            ptr, r_idx[:, None], kk[None, :], row_stride, r_mask[:, None] & (kk < K)[None, :], BITS
+        )
+    return out
+
+
+@triton.jit
+def segment_quantize(h, cols, rows, row_mask, s_ptr, SEGS: tl.constexpr, QMAX: tl.constexpr):
+    """Quantize ``h`` ([BLOCK_M, R_P] fp32) per row and per column segment; store the scales.
+
+    ``SEGS`` is a constexpr tuple of ``(lo, hi)`` column ranges, one per linear of the site
+    (their ranks concatenated); ``cols`` the ``[R_P]`` column indices. Each row of segment
+    ``j`` gets the scale ``max(absmax, 1e-8) / QMAX``, stored at ``s_ptr[rows * len(SEGS) + j]``
+    ((N, M) row-major). Columns outside every segment (padding) must hold 0; they come out as
+    code 0. Returns the codes as fp32 integer values.
+    """
+    ah = tl.abs(h)
+    col_scale = tl.zeros_like(h) + 1.0
+    for j in tl.static_range(len(SEGS)):
+        in_seg = (cols >= SEGS[j][0]) & (cols < SEGS[j][1])
+        s = token_scale(tl.max(tl.where(in_seg[None, :], ah, 0.0), axis=1), QMAX)
+        col_scale = tl.where(in_seg[None, :], s[:, None], col_scale)
+        tl.store(s_ptr + rows * len(SEGS) + j, s, mask=row_mask)
+    return quantize_codes(h, col_scale, QMAX)
