@@ -34,7 +34,14 @@ from loguru import logger
 from pydantic import Field, PrivateAttr, model_validator
 
 from splitq_modifier.acc import QuantBranch
-from splitq_modifier.arch import ArchSpec, find_sites, get_arch, is_decoder_layer, vision_token_ids
+from splitq_modifier.arch import (
+    ArchSpec,
+    find_sites,
+    get_arch,
+    is_decoder_layer,
+    is_vision_layer,
+    vision_token_ids,
+)
 from splitq_modifier.calibrate import LayerSample, TrainConfig, layer_output, train_layer
 from splitq_modifier.layout import SitePlan, plan_for_sizes, plan_site
 from splitq_modifier.mocd import SELECTION_RULES, ChannelStats, select_channels
@@ -51,10 +58,17 @@ _CACHE_KWARGS = ("past_key_values", "past_key_value")
 class _Site:
     """Calibration bookkeeping of one activation site (not a module)."""
 
-    def __init__(self, name: str, linears: list[tuple[str, torch.nn.Linear]], stats: ChannelStats):
+    def __init__(
+        self,
+        name: str,
+        linears: list[tuple[str, torch.nn.Linear]],
+        stats: ChannelStats,
+        vision: bool = False,
+    ):
         self.name = name
         self.linears = linears
         self.stats = stats
+        self.vision = vision  # a vision-encoder site: every token is vision
 
 
 class SplitQModifier(Modifier):
@@ -87,6 +101,9 @@ class SplitQModifier(Modifier):
     :param seed: seed of everything random (random selection, sample order)
     :param cache_device: where the cached layer inputs and FP targets live (e.g. ``"cpu"``,
         so that the GPU holds one batch at a time); None = where the layer runs
+    :param quantize_vision: also quantize the vision encoder's blocks (paper appendix A.4).
+        Every token there is vision, so a vision site splits into the vision-outlier path
+        and the main path only (no text path, no MAC branch; CWS as configured)
     """
 
     requires_calibration_data: bool = True
@@ -115,6 +132,7 @@ class SplitQModifier(Modifier):
     batch_size: int = Field(default=4, ge=1)
     seed: int = 0
     cache_device: str | None = None
+    quantize_vision: bool = False
 
     _arch: ArchSpec | None = PrivateAttr(default=None)
     _vision_ids: list[int] = PrivateAttr(default_factory=list)
@@ -125,6 +143,8 @@ class SplitQModifier(Modifier):
     _cache: dict[torch.nn.Module, list[LayerSample]] = PrivateAttr(default_factory=dict)
     _pending: dict[torch.nn.Module, tuple] = PrivateAttr(default_factory=dict)
     _report: dict[str, dict] = PrivateAttr(default_factory=dict)
+    _channel_max: dict[str, tuple[torch.Tensor, torch.Tensor]] = PrivateAttr(default_factory=dict)
+    _vision_layers: set[torch.nn.Module] = PrivateAttr(default_factory=set)
 
     @model_validator(mode="after")
     def _check_ratios(self) -> SplitQModifier:
@@ -149,13 +169,18 @@ class SplitQModifier(Modifier):
             if isinstance(m, torch.nn.Linear)
         }
         for name, module in model.named_modules():
-            if not is_decoder_layer(name, self._arch):
+            vision = self.quantize_vision and is_vision_layer(name, self._arch)
+            if not (vision or is_decoder_layer(name, self._arch)):
                 continue
-            sites = find_sites(name, linears, self._arch)
+            sites = find_sites(name, linears, self._arch, vision=vision)
             if sites:
                 self._layers[module] = name
+                if vision:
+                    self._vision_layers.add(module)
                 self._sites[module] = [
-                    _Site(s, lins, ChannelStats(lins[0][1].in_features, self.max_text_tokens))
+                    _Site(
+                        s, lins, ChannelStats(lins[0][1].in_features, self.max_text_tokens), vision
+                    )
                     for s, lins in sites.items()
                 ]
         if not self._layers:
@@ -206,6 +231,9 @@ class SplitQModifier(Modifier):
             )
         self._cache.clear()
         self._masks.clear()
+        from splitq_modifier.report import attach_report
+
+        attach_report(state.model, self)  # save_pretrained(dir) also writes dir/splitq_report
         return True
 
     # ---------------------------------------------------------------- hooks
@@ -217,7 +245,12 @@ class SplitQModifier(Modifier):
         idx = active_session().state.current_batch_idx
         self._masks[idx] = (vision.cpu(), (~vision).cpu())
 
-    def _current_masks(self, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    def _current_masks(
+        self, shape: torch.Size, vision_layer: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if vision_layer:  # inside the vision encoder every token is vision
+            vision = torch.ones(shape, dtype=torch.bool)
+            return vision, ~vision
         idx = active_session().state.current_batch_idx
         masks = self._masks.get(idx)
         if masks is None or masks[0].shape != shape:
@@ -231,7 +264,7 @@ class SplitQModifier(Modifier):
     def _capture_output(self, layer: torch.nn.Module, args: tuple, output) -> None:
         args, kwargs = self._pending.pop(layer)
         hidden = layer_output(output)
-        _, text = self._current_masks(hidden.shape[:-1])
+        _, text = self._current_masks(hidden.shape[:-1], layer in self._vision_layers)
         detach = lambda v: v.detach() if isinstance(v, torch.Tensor) else v  # noqa: E731
         sample = LayerSample(
             args=tuple(detach(a) for a in args),
@@ -246,7 +279,7 @@ class SplitQModifier(Modifier):
     def _stats_hook(self, site: _Site):
         def hook(module: torch.nn.Module, args: tuple) -> None:
             x = args[0]
-            vision, text = self._current_masks(x.shape[:-1])
+            vision, text = self._current_masks(x.shape[:-1], site.vision)
             site.stats.update(x.detach(), vision.to(x.device), text.to(x.device))
 
         return hook
@@ -266,14 +299,13 @@ class SplitQModifier(Modifier):
         outs = [lin.out_features for _, lin in site.linears]
         if self.channel_selection == "none":
             return ChannelSplit.none(d), plan_site(d, outs, 0.0, 0.0, self.channel_multiple)
-        plan = plan_site(
-            d, outs, self.vision_outlier_ratio, self.text_outlier_ratio, self.channel_multiple
-        )
+        text_ratio = 0.0 if site.vision else self.text_outlier_ratio
+        plan = plan_site(d, outs, self.vision_outlier_ratio, text_ratio, self.channel_multiple)
         v, t, m = select_channels(
             site.stats,
             self.channel_selection,
             self.vision_outlier_ratio,
-            self.text_outlier_ratio,
+            text_ratio,
             num_clusters=self.num_clusters,
             seed=self.seed,
             counts=plan.sizes[:2],
@@ -315,7 +347,14 @@ class SplitQModifier(Modifier):
                 "text": split.text.tolist(),
                 "dim": sum(split.sizes),
                 **plan.to_dict(),
+                "linears": [n[len(name) + 1 :] for n, _ in site.linears],
+                "num_vision_tokens": site.stats.num_vision_tokens,
+                "num_text_tokens": site.stats.num_text_tokens,
             }
+            self._channel_max[f"{name}.{site.name}"] = (
+                site.stats.vision_max.detach().float().cpu(),
+                site.stats.text_max.detach().float().cpu(),
+            )
             layouts.append(f"{site.name} {'/'.join(map(str, plan.sizes))}")
             seed = self.seed + 3 * len(self._report) if self.rotation_init else None
             ss = SplitSite(split, abits, smooth, self.learn_transforms, seed, plan.dims).to(device)
@@ -326,7 +365,9 @@ class SplitQModifier(Modifier):
                     ss,
                     wbits,
                     cws=self._branch(self.cws_rank_ratio),
-                    mac=self._branch(self.mac_rank_ratio, input=self.mac_input),
+                    mac=None
+                    if site.vision  # MAC corrects text tokens only
+                    else self._branch(self.mac_rank_ratio, input=self.mac_input),
                     context=self._context,
                 ).to(device)
                 parent, attr = _parent(layer, lin_name[len(name) + 1 :])
@@ -348,7 +389,11 @@ class SplitQModifier(Modifier):
             for attr, frozen in zip(attrs, freeze_site(ss, qs, attrs, self._context)):
                 setattr(parent, attr, frozen)
         self._context.text_mask = None
-        self._report[name] = {"loss_before": before, "loss_after": after}
+        self._report[name] = {
+            "loss_before": before,
+            "loss_after": after,
+            "kind": "vision" if layer in self._vision_layers else "language",
+        }
         logger.info(
             f"SplitQ {name}: paths v/t/m {', '.join(layouts)}; relative output error "
             f"{before:.4g} -> {after:.4g}"
@@ -362,8 +407,21 @@ class SplitQModifier(Modifier):
 
     @property
     def report(self) -> dict[str, dict]:
-        """Per site: selected vision/text channels; per layer: output error before/after."""
+        """Per site: selected vision/text channels, realised path widths and factors, token
+        counts; per layer: output error before/after."""
         return dict(self._report)
+
+    @property
+    def channel_max(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per site: per-channel max ``|x|`` over vision and over text tokens (CPU)."""
+        return dict(self._channel_max)
+
+    def write_report(self, directory: str, plots: bool = True) -> str:
+        """Write the diagnostics report (JSON, channel maxima, PNG plots with matplotlib)
+        to ``directory`` (see :mod:`splitq_modifier.report`). Returns ``directory``."""
+        from splitq_modifier.report import collect, write_report
+
+        return write_report(directory, *collect(self), plots=plots)
 
 
 def _parent(root: torch.nn.Module, path: str) -> tuple[torch.nn.Module, str]:
