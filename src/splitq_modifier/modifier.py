@@ -104,6 +104,8 @@ class SplitQModifier(Modifier):
     :param quantize_vision: also quantize the vision encoder's blocks (paper appendix A.4).
         Every token there is vision, so a vision site splits into the vision-outlier path
         and the main path only (no text path, no MAC branch; CWS as configured)
+    :param report_plots: draw the PNG plots of the report that ``save_pretrained`` writes
+        next to the model (``splitq_report/``; the JSON is always written)
     """
 
     requires_calibration_data: bool = True
@@ -133,6 +135,7 @@ class SplitQModifier(Modifier):
     seed: int = 0
     cache_device: str | None = None
     quantize_vision: bool = False
+    report_plots: bool = True
 
     _arch: ArchSpec | None = PrivateAttr(default=None)
     _vision_ids: list[int] = PrivateAttr(default_factory=list)
@@ -189,6 +192,12 @@ class SplitQModifier(Modifier):
                 f" ({targets}) and `ignore` ({self.ignore}), and that the model's decoder "
                 f"layers match {self._arch.layers!r} (splitq_modifier.arch)"
             )
+        if self.quantize_vision and not self._vision_layers:
+            raise ValueError(
+                "SplitQModifier(quantize_vision=True) found no vision-encoder linears to "
+                f"quantize: check `ignore` ({self.ignore}) and that the vision blocks match "
+                f"{self._arch.vision_layers!r} (splitq_modifier.arch)"
+            )
         n_lin = sum(len(s.linears) for sites in self._sites.values() for s in sites)
         logger.info(
             f"SplitQ: W{self.weight_bits}A{self.activation_bits}, {n_lin} linears in "
@@ -211,6 +220,10 @@ class SplitQModifier(Modifier):
     def on_sequential_epoch_end(
         self, state: State, event: Event, modules: list[torch.nn.Module] | None = None, **kwargs
     ) -> None:
+        # vision blocks first: they run inside the first subgraph's wrapped (untraced)
+        # code, which names no modules, and the next subgraphs must see them quantized
+        for layer in [m for m in self._layers if m in self._vision_layers and m in self._cache]:
+            self._quantize_layer(layer)
         for module in modules or []:
             for layer in [m for m in module.modules() if m in self._cache]:
                 self._quantize_layer(layer)

@@ -56,6 +56,7 @@ _LIFECYCLE_FIELDS = {
     "targets",
     "ignore",
     "requires_calibration_data",
+    "report_plots",
 }
 
 
@@ -295,7 +296,7 @@ def attach_report(model: Any, modifier: Any) -> None:
     Wraps the model's (llm-compressor-wrapped) ``save_pretrained`` once; the report data is
     a snapshot of this modifier's results, replaced if another SplitQ run attaches again.
     """
-    model._splitq_report_data = collect(modifier, model)
+    model._splitq_report_data = (*collect(modifier, model), bool(modifier.report_plots))
     current = model.save_pretrained
     if getattr(current, "_splitq_report", False):
         return
@@ -306,7 +307,8 @@ def attach_report(model: Any, modifier: Any) -> None:
         owner = model_ref()
         report = getattr(owner, "_splitq_report_data", None)
         if report is not None and _is_main_process():
-            write_report(os.path.join(str(save_directory), REPORT_DIR), *report)
+            data, tensors, plots = report
+            write_report(os.path.join(str(save_directory), REPORT_DIR), data, tensors, plots)
         return out
 
     save_pretrained._splitq_report = True

@@ -1,0 +1,163 @@
+"""More VLM families: tiny Qwen3.5 (hybrid gated-delta-net + attention layers), Idefics3
+(SmolVLM), Mistral 3, InternVL, LLaVA-OneVision and Gemma 3, each calibrated with SplitQ on
+image + text inputs made by the family's own processor class (offline tokenizer and PIL
+image processor), saved, and reloaded in one fresh process.
+
+Checks: the vision positions SplitQ saw equal the image tokens the processor inserted (the
+family's feature-carrying token, counted independently of ``arch.py``), the text positions
+are all the others, the architecture table covers the family (decoder layers, sites,
+sequential target), and the reloaded model gives the in-memory logits within 1e-4 relative.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from _toolkit import (  # noqa: F401  (autouse)
+    REL_TOL,
+    held_out_inputs,
+    image_token_count,
+    one_torch_thread,
+    reload_fresh,
+    save_expected,
+)
+from llmcompressor import oneshot
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+import splitq_modifier  # noqa: F401
+from splitq_modifier import SplitQModifier
+from splitq_modifier.arch import ARCHITECTURES, get_arch, is_decoder_layer
+from splitq_modifier.families import (
+    FAMILIES,
+    build_tiny_family,
+    register_offline_processors,
+    write_image_folder,
+)
+from splitq_modifier.runtime import SplitQSiteLinear
+from splitq_modifier.toolkit import (
+    build_calibration_set,
+    collate_one,
+    decoder_layer_classes,
+    load_image_text_dataset,
+    save_quantized,
+    vision_ignore_patterns,
+)
+
+#: family -> (LM decoder-layer class, tiny LM layers)
+CASES = {
+    "qwen3_5": ("Qwen3_5DecoderLayer", 2),
+    "idefics3": ("LlamaDecoderLayer", 1),
+    "mistral3": ("MistralDecoderLayer", 1),
+    "internvl": ("Qwen2DecoderLayer", 1),
+    "llava_onevision": ("Qwen2DecoderLayer", 1),
+    "gemma3": ("Gemma3DecoderLayer", 1),
+}
+
+
+def _calibrate(family: str, root) -> dict:
+    tiny = build_tiny_family(family, str(root / f"{family}-fp"), layers=CASES[family][1])
+    folder = write_image_folder(str(root / f"{family}-images"), 2, tiny.family.image_sizes)
+    model = AutoModelForImageTextToText.from_pretrained(tiny.path, dtype="auto")
+    processor = AutoProcessor.from_pretrained(tiny.path)
+    calib = build_calibration_set(processor, load_image_text_dataset(folder), max_length=1024)
+    modifier = SplitQModifier(epochs=1, report_plots=False, ignore=vision_ignore_patterns(model))
+    targets = decoder_layer_classes(model)
+    oneshot(
+        model=model,
+        processor=processor,
+        dataset=calib,
+        recipe=[modifier],
+        num_calibration_samples=len(calib),
+        data_collator=collate_one,
+        sequential_targets=targets,
+    )
+    save_dir = str(root / f"{family}-splitq")
+    save_quantized(model, processor, save_dir)
+    save_expected(model, held_out_inputs(processor, tiny.family), save_dir)
+    return {
+        "tiny": tiny,
+        "model": model,
+        "modifier": modifier,
+        "targets": targets,
+        "image_tokens": image_token_count(calib, tiny.image_token_id),
+        "tokens": sum(len(r["input_ids"]) for r in calib),
+        "save_dir": save_dir,
+    }
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory) -> dict:
+    register_offline_processors()
+    root = tmp_path_factory.mktemp("families")
+    return {family: _calibrate(family, root) for family in CASES}
+
+
+@pytest.fixture(scope="module")
+def reloaded(calibrated) -> dict:
+    return reload_fresh([c["save_dir"] for c in calibrated.values()])
+
+
+def test_every_tiny_family_has_a_table_entry():
+    assert set(FAMILIES) <= set(ARCHITECTURES)
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_vision_positions_equal_the_image_tokens(family, calibrated):
+    c = calibrated[family]
+    sites = {k: v for k, v in c["modifier"].report.items() if "vision" in v}
+    assert sites and c["image_tokens"] > 0
+    for name, site in sites.items():
+        assert site["num_vision_tokens"] == c["image_tokens"], name
+        assert site["num_text_tokens"] == c["tokens"] - c["image_tokens"], name
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_language_model_is_quantized_and_vision_tower_is_not(family, calibrated):
+    c = calibrated[family]
+    model, spec = c["model"], get_arch(c["model"].config)
+    assert c["targets"] == [CASES[family][0]]
+    lm_linears = [
+        n
+        for n, m in model.named_modules()
+        if any(is_decoder_layer(n.rsplit(".", k)[0], spec) for k in (1, 2))
+        and isinstance(m, (torch.nn.Linear, SplitQSiteLinear))
+    ]
+    quantized = {n for n, m in model.named_modules() if isinstance(m, SplitQSiteLinear)}
+    assert lm_linears and set(lm_linears) == quantized
+    roots = "|".join(map(re.escape, spec.vision_modules))
+    assert not [n for n in quantized if re.search(rf"(^|\.)({roots})\.", n)]
+
+
+def test_qwen3_5_linear_attention_layers_have_their_own_sites(calibrated):
+    report = calibrated["qwen3_5"]["modifier"].report
+    types = calibrated["qwen3_5"]["model"].config.text_config.layer_types
+    assert types == ["linear_attention", "full_attention"]
+    lin = report["model.language_model.layers.0.linear_attn_in"]
+    assert lin["linears"] == [
+        "linear_attn.in_proj_qkv",
+        "linear_attn.in_proj_z",
+        "linear_attn.in_proj_b",
+        "linear_attn.in_proj_a",
+    ]
+    assert report["model.language_model.layers.0.linear_attn_out"]["linears"] == [
+        "linear_attn.out_proj"
+    ]
+    assert "model.language_model.layers.0.attn_in" not in report
+    assert report["model.language_model.layers.1.attn_in"]["linears"] == [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+    ]
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_reload_gives_the_in_memory_logits(family, calibrated, reloaded):
+    c = calibrated[family]
+    info = reloaded[c["save_dir"]]
+    assert info["rel_err"] <= REL_TOL, f"{family}: relative logit error {info['rel_err']:.3g}"
+    in_memory = sorted(n for n, m in c["model"].named_modules() if isinstance(m, SplitQSiteLinear))
+    assert info["splitq_linears"] == in_memory
+    assert c["tiny"].image_token_id in info["vision_ids"]
+    assert info["has_image_processor"]
