@@ -110,3 +110,58 @@ def reload_fresh(dirs: list[str]) -> dict:
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
     return json.loads(lines[-1][len("RESULT") :])
+
+
+def calibrate_family(family: str, root, layers: int = 1, n_images: int = 2, **splitq) -> dict:
+    """The examples' flow on a tiny model of ``family``: processor chat template ->
+    ``processor(text, images)`` -> oneshot (decoder layer as sequential target) -> save
+    (``save_compressed=True`` + processor) -> in-memory logits on a held-out sample.
+
+    :param splitq: extra ``SplitQModifier`` fields (default: 1 epoch, no plots, vision tower
+        ignored under both spellings)
+    """
+    from llmcompressor import oneshot
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from splitq_modifier import SplitQModifier
+    from splitq_modifier.families import build_tiny_family, write_image_folder
+    from splitq_modifier.toolkit import (
+        build_calibration_set,
+        collate_one,
+        decoder_layer_classes,
+        load_image_text_dataset,
+        save_quantized,
+        vision_ignore_patterns,
+    )
+
+    tiny = build_tiny_family(family, str(root / f"{family}-fp"), layers=layers)
+    folder = write_image_folder(str(root / f"{family}-images"), n_images, tiny.family.image_sizes)
+    model = AutoModelForImageTextToText.from_pretrained(tiny.path, dtype="auto")
+    processor = AutoProcessor.from_pretrained(tiny.path)
+    calib = build_calibration_set(processor, load_image_text_dataset(folder), max_length=1024)
+    fields = dict(epochs=1, report_plots=False, ignore=vision_ignore_patterns(model))
+    fields.update(splitq)
+    modifier = SplitQModifier(**fields)
+    targets = decoder_layer_classes(model)
+    oneshot(
+        model=model,
+        processor=processor,
+        dataset=calib,
+        recipe=[modifier],
+        num_calibration_samples=len(calib),
+        data_collator=collate_one,
+        sequential_targets=targets,
+    )
+    save_dir = str(root / f"{family}-splitq")
+    save_quantized(model, processor, save_dir)
+    save_expected(model, held_out_inputs(processor, tiny.family), save_dir)
+    return {
+        "tiny": tiny,
+        "model": model,
+        "modifier": modifier,
+        "targets": targets,
+        "calib": calib,
+        "image_tokens": image_token_count(calib, tiny.image_token_id),
+        "tokens": sum(len(r["input_ids"]) for r in calib),
+        "save_dir": save_dir,
+    }

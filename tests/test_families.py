@@ -15,35 +15,12 @@ import re
 
 import pytest
 import torch
-from _toolkit import (  # noqa: F401  (autouse)
-    REL_TOL,
-    held_out_inputs,
-    image_token_count,
-    one_torch_thread,
-    reload_fresh,
-    save_expected,
-)
-from llmcompressor import oneshot
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from _toolkit import REL_TOL, calibrate_family, one_torch_thread, reload_fresh  # noqa: F401
 
 import splitq_modifier  # noqa: F401
-from splitq_modifier import SplitQModifier
 from splitq_modifier.arch import ARCHITECTURES, get_arch, is_decoder_layer
-from splitq_modifier.families import (
-    FAMILIES,
-    build_tiny_family,
-    register_offline_processors,
-    write_image_folder,
-)
+from splitq_modifier.families import FAMILIES, register_offline_processors
 from splitq_modifier.runtime import SplitQSiteLinear
-from splitq_modifier.toolkit import (
-    build_calibration_set,
-    collate_one,
-    decoder_layer_classes,
-    load_image_text_dataset,
-    save_quantized,
-    vision_ignore_patterns,
-)
 
 #: family -> (LM decoder-layer class, tiny LM layers)
 CASES = {
@@ -56,42 +33,11 @@ CASES = {
 }
 
 
-def _calibrate(family: str, root) -> dict:
-    tiny = build_tiny_family(family, str(root / f"{family}-fp"), layers=CASES[family][1])
-    folder = write_image_folder(str(root / f"{family}-images"), 2, tiny.family.image_sizes)
-    model = AutoModelForImageTextToText.from_pretrained(tiny.path, dtype="auto")
-    processor = AutoProcessor.from_pretrained(tiny.path)
-    calib = build_calibration_set(processor, load_image_text_dataset(folder), max_length=1024)
-    modifier = SplitQModifier(epochs=1, report_plots=False, ignore=vision_ignore_patterns(model))
-    targets = decoder_layer_classes(model)
-    oneshot(
-        model=model,
-        processor=processor,
-        dataset=calib,
-        recipe=[modifier],
-        num_calibration_samples=len(calib),
-        data_collator=collate_one,
-        sequential_targets=targets,
-    )
-    save_dir = str(root / f"{family}-splitq")
-    save_quantized(model, processor, save_dir)
-    save_expected(model, held_out_inputs(processor, tiny.family), save_dir)
-    return {
-        "tiny": tiny,
-        "model": model,
-        "modifier": modifier,
-        "targets": targets,
-        "image_tokens": image_token_count(calib, tiny.image_token_id),
-        "tokens": sum(len(r["input_ids"]) for r in calib),
-        "save_dir": save_dir,
-    }
-
-
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory) -> dict:
     register_offline_processors()
     root = tmp_path_factory.mktemp("families")
-    return {family: _calibrate(family, root) for family in CASES}
+    return {family: calibrate_family(family, root, CASES[family][1]) for family in CASES}
 
 
 @pytest.fixture(scope="module")

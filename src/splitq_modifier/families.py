@@ -362,6 +362,7 @@ def _cfg_llava(ids: dict, hidden: int, layers: int, vocab: int):
         ),
         image_token_id=ids["<image>"],
         vision_feature_select_strategy="default",
+        vision_feature_layer=-1,  # the one vision layer's output feeds the projector
     )
 
 
