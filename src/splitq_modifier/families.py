@@ -29,10 +29,14 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 __all__ = [
     "FAMILIES",
@@ -624,6 +628,7 @@ class Family:
     :param image_placeholder: what the chat template writes for one image
     :param image_token: the token whose positions carry image features in the LM
     :param image_sizes: (width, height) of the test images (cycled over samples)
+    :param notes: what is particular about the family
     """
 
     model_type: str
@@ -639,7 +644,6 @@ class Family:
     make_processor: Callable[..., object]
     image_sizes: tuple[tuple[int, int], ...] = ((64, 64),)
     notes: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 _QWEN_SPECIALS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
@@ -845,7 +849,9 @@ def build_tiny_family(
     return TinyFamily(fam, model, processor, path)
 
 
-def caption_images(n: int, sizes: tuple[tuple[int, int], ...] = ((64, 64),), seed: int = 0):
+def caption_images(
+    n: int, sizes: tuple[tuple[int, int], ...] = ((64, 64),), seed: int = 0
+) -> list[tuple[Image.Image, str]]:
     """``n`` (PIL image, caption) pairs: smooth random colour fields with a caption each."""
     import numpy as np
     from PIL import Image
@@ -869,7 +875,9 @@ def caption_images(n: int, sizes: tuple[tuple[int, int], ...] = ((64, 64),), see
     return out
 
 
-def write_image_folder(path: str, n: int, sizes=((64, 64),), seed: int = 0) -> str:
+def write_image_folder(
+    path: str, n: int, sizes: tuple[tuple[int, int], ...] = ((64, 64),), seed: int = 0
+) -> str:
     """Write ``n`` captioned images as a ``datasets`` image folder (PNG files plus
     ``metadata.jsonl`` with ``file_name`` and ``text``), the layout a user's own folder of
     images takes. Returns ``path``."""

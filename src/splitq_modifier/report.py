@@ -229,24 +229,34 @@ def plot_report(directory: str, data: dict, tensors: dict[str, torch.Tensor]) ->
 
 
 def _plot_channels(plt, path: str, key: str, site: dict, vmax, tmax) -> None:
+    from matplotlib.ticker import NullFormatter
+
     d = len(vmax)
     x = torch.arange(d).numpy()
     floor = 1e-6
-    fig, axes = plt.subplots(2, 1, figsize=(9, 4.2), sharex=True)
+    panels = [
+        (label, values)
+        for label, values, n in (
+            ("vision tokens", vmax, site.get("num_vision_tokens")),
+            ("text tokens", tmax, site.get("num_text_tokens")),
+        )
+        if n != 0  # a vision-encoder site has no text panel
+    ] or [("vision tokens", vmax)]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.1 * len(panels) + 0.6), sharex=True)
+    axes = list(axes) if len(panels) > 1 else [axes]
     marks = (
         (site["vision_channels"], "tab:red", "v", "vision path"),
         (site["text_channels"], "tab:blue", "^", "text path"),
     )
-    for ax, (label, values) in zip(axes, (("vision tokens", vmax), ("text tokens", tmax))):
+    for ax, (label, values) in zip(axes, panels):
         vals = values.clamp(min=floor).numpy()
         # one filled step polygon: fast at any width (thousands of bars are not)
         ax.fill_between(x, floor, vals, step="mid", color="0.55", linewidth=0)
         for picked, colour, marker, name in marks:
             if picked:
-                ax.scatter(
-                    picked, vals[picked], s=14, c=colour, marker=marker, label=name, zorder=3
-                )
+                ax.scatter(picked, vals[picked], s=14, c=colour, marker=marker, label=name)
         ax.set_yscale("log")
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_ylim(bottom=max(floor, float(vals.min()) * 0.5))
         ax.set_xlim(-0.5, d - 0.5)
         ax.set_ylabel(f"max |x|\n{label}", fontsize=8)
@@ -263,6 +273,8 @@ def _plot_channels(plt, path: str, key: str, site: dict, vmax, tmax) -> None:
 
 
 def _plot_layers(plt, path: str, layers: dict) -> None:
+    from matplotlib.ticker import NullFormatter
+
     names = list(layers)
     before = [max(layers[n]["loss_before"], 1e-12) for n in names]
     after = [max(layers[n]["loss_after"], 1e-12) for n in names]
@@ -274,6 +286,7 @@ def _plot_layers(plt, path: str, layers: dict) -> None:
     if 0 < n_vision < len(names):
         ax.axvline(n_vision - 0.5, color="0.5", linestyle="--", linewidth=0.8)
     ax.set_yscale("log")
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xticks(x, [_short(n) for n in names], rotation=90, fontsize=6)
     ax.set_ylabel("relative output error")
     ax.legend(fontsize=8)

@@ -27,13 +27,17 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from loguru import logger
 from torch import nn
 
 from splitq_modifier.arch import get_arch, is_decoder_layer
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from PIL import Image
 
 __all__ = [
     "DEFAULT_DATASET",
@@ -64,7 +68,7 @@ def load_image_text_dataset(
     split: str = DEFAULT_SPLIT,
     num_samples: int | None = None,
     seed: int = 42,
-):
+) -> Dataset:
     """Load an image-text dataset as a ``datasets.Dataset`` with an ``image`` column.
 
     :param source: a hub dataset id (default: flickr30k), a folder of images (``datasets``'
@@ -162,12 +166,12 @@ def _messages(prompt: str, answer: str | None) -> list[dict]:
 
 def build_calibration_set(
     processor: Any,
-    dataset,
+    dataset: Dataset,
     prompt: str = DEFAULT_PROMPT,
     max_length: int | None = 2048,
     with_answers: bool = True,
     num_proc: int | None = None,
-):
+) -> Dataset:
     """Processed calibration samples, one image-text conversation each.
 
     Every row becomes a user turn (the image and ``prompt``) followed, when
@@ -262,19 +266,20 @@ def vision_ignore_patterns(model: nn.Module) -> list[str]:
 
 def save_quantized(model: nn.Module, processor: Any, save_dir: str) -> str:
     """Save a SplitQ model (``save_compressed=True``, the ``splitq-packed`` format) and
-    its processor to ``save_dir``; check the saved tokenizer carries no truncation or
-    padding. Returns ``save_dir``."""
+    its processor to ``save_dir``; warn if the saved tokenizer truncates or pads (served
+    prompts would lose tokens, image tokens included). Returns ``save_dir``."""
     model.save_pretrained(save_dir, save_compressed=True)
     processor.save_pretrained(save_dir)
     path = os.path.join(save_dir, "tokenizer.json")
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
-        leaked = {k: saved.get(k) for k in ("truncation", "padding") if saved.get(k)}
-        if leaked:
-            raise RuntimeError(
-                f"the tokenizer saved to {save_dir} carries {leaked}: served prompts would be "
-                "truncated or padded (wrap preprocessing in preserved_tokenizer_state)"
+        kept = {k: saved.get(k) for k in ("truncation", "padding") if saved.get(k)}
+        if kept:
+            logger.warning(
+                f"SplitQ: the tokenizer saved to {save_dir} carries {kept}: served prompts "
+                "will be truncated or padded, image tokens included. If this came from "
+                "calibration preprocessing, run it inside preserved_tokenizer_state(processor)"
             )
     logger.info(f"SplitQ: saved the quantized model and processor to {save_dir}")
     return save_dir
@@ -299,7 +304,7 @@ def load_quantized(save_dir: str, device_map: str | None = None):
 def generate_answer(
     model: nn.Module,
     processor: Any,
-    image,
+    image: Image.Image,
     prompt: str = DEFAULT_PROMPT,
     max_new_tokens: int = 32,
 ) -> str:
