@@ -11,8 +11,8 @@ Models: ``planted`` (tiny random-weight Qwen2.5-VL with planted modality outlier
 ``planted-llava``, ``trained`` (benchmarks/train_tiny_vlm.py: a tiny LLaVA trained on a
 synthetic visual question task, with baked-in outliers; ``trained-mm``: the same with both
 modalities' outliers kept through training, ``--preset mm``), or a hub id / local path of a real
-VLM (``--model Qwen/Qwen2.5-VL-3B-Instruct --dataset <hf dataset>``; needs weights and
-normally a GPU: not runnable in this project's CI).
+VLM: ``--model <FP hub id or path> --quantized <saved SplitQ dir> --dataset <hub id or
+folder>`` runs :mod:`splitq_modifier.evaluate` (needs weights and normally a GPU).
 
     python benchmarks/fidelity.py --model planted --settings W4A4 W3A3
     python benchmarks/fidelity.py --model planted --ablation ladder --settings W3A3 W3A2
@@ -295,6 +295,13 @@ def _plot(results: dict, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--model", default="planted")
+    if pre.parse_known_args(argv)[0].model not in ("planted", "planted-llava", "trained"):
+        from splitq_modifier.evaluate import main as evaluate_real_model
+
+        return evaluate_real_model(argv)  # a hub id or path: FP vs saved SplitQ model
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="planted")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))

@@ -34,7 +34,6 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-
 from splitq_modifier.kernels import (
     plan_stages,
     site_gemm_triton,
@@ -42,6 +41,7 @@ from splitq_modifier.kernels import (
     site_quantize_triton,
 )
 from splitq_modifier.kernels.common import load_packed_kmajor, load_packed_rows, round_half_even
+
 from splitq_modifier.layout import plan_site
 from splitq_modifier.runtime import (
     SiteParams,
@@ -485,6 +485,7 @@ def test_op_dispatch_interpreter(monkeypatch) -> None:
     """``torch.ops.splitq.site_linear`` runs these kernels on CPU with SPLITQ_TRITON_INTERPRET=1
     (and the reference without it, or for weight-only sites)."""
     import splitq_modifier.kernels as kernels
+
     from splitq_modifier.runtime import site_linear
 
     p, _ = _case_site(QUANT_CASES[0], bias=True)

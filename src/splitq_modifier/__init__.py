@@ -67,6 +67,10 @@ elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
 
 def __getattr__(name: str):
     if name == "SplitQModifier":
+        # llmcompressor first: importing it registers the modifier (importing
+        # splitq_modifier.modifier while that registration runs would be circular)
+        import llmcompressor  # noqa: F401
+
         from splitq_modifier.modifier import SplitQModifier
 
         return SplitQModifier

@@ -35,7 +35,14 @@ from loguru import logger
 from pydantic import Field, PrivateAttr, model_validator
 
 from splitq_modifier.acc import QuantBranch
-from splitq_modifier.arch import ArchSpec, find_sites, get_arch, is_decoder_layer, vision_token_ids
+from splitq_modifier.arch import (
+    ArchSpec,
+    find_sites,
+    get_arch,
+    is_decoder_layer,
+    is_vision_layer,
+    vision_token_ids,
+)
 from splitq_modifier.calibrate import LayerSample, TrainConfig, layer_output, train_layer
 from splitq_modifier.distributed import (
     all_reduce_sums,
@@ -65,10 +72,17 @@ _CACHE_KWARGS = ("past_key_values", "past_key_value")
 class _Site:
     """Calibration bookkeeping of one activation site (not a module)."""
 
-    def __init__(self, name: str, linears: list[tuple[str, torch.nn.Linear]], stats: ChannelStats):
+    def __init__(
+        self,
+        name: str,
+        linears: list[tuple[str, torch.nn.Linear]],
+        stats: ChannelStats,
+        vision: bool = False,
+    ):
         self.name = name
         self.linears = linears
         self.stats = stats
+        self.vision = vision  # a vision-encoder site: every token is vision
 
 
 class SplitQModifier(Modifier):
@@ -104,6 +118,11 @@ class SplitQModifier(Modifier):
         path's quantized transformed activations, :mod:`splitq_modifier.rounding`)
     :param cache_device: where the cached layer inputs and FP targets live (e.g. ``"cpu"``,
         so that the GPU holds one batch at a time); None = where the layer runs
+    :param quantize_vision: also quantize the vision encoder's blocks (paper appendix A.4).
+        Every token there is vision, so a vision site splits into the vision-outlier path
+        and the main path only (no text path, no MAC branch; CWS as configured)
+    :param report_plots: draw the PNG plots of the report that ``save_pretrained`` writes
+        next to the model (``splitq_report/``; the JSON is always written)
     """
 
     requires_calibration_data: bool = True
@@ -133,6 +152,8 @@ class SplitQModifier(Modifier):
     seed: int = 0
     weight_rounding: Literal["rtn", "gptq"] = "gptq"
     cache_device: str | None = None
+    quantize_vision: bool = False
+    report_plots: bool = True
 
     _arch: ArchSpec | None = PrivateAttr(default=None)
     _vision_ids: list[int] = PrivateAttr(default_factory=list)
@@ -144,6 +165,8 @@ class SplitQModifier(Modifier):
     _pending: dict[torch.nn.Module, tuple] = PrivateAttr(default_factory=dict)
     _report: dict[str, dict] = PrivateAttr(default_factory=dict)
     _digests: list[str] | None = PrivateAttr(default_factory=list)
+    _channel_max: dict[str, tuple[torch.Tensor, torch.Tensor]] = PrivateAttr(default_factory=dict)
+    _vision_layers: set[torch.nn.Module] = PrivateAttr(default_factory=set)
 
     @model_validator(mode="after")
     def _check_ratios(self) -> SplitQModifier:
@@ -168,13 +191,18 @@ class SplitQModifier(Modifier):
             if isinstance(m, torch.nn.Linear)
         }
         for name, module in model.named_modules():
-            if not is_decoder_layer(name, self._arch):
+            vision = self.quantize_vision and is_vision_layer(name, self._arch)
+            if not (vision or is_decoder_layer(name, self._arch)):
                 continue
-            sites = find_sites(name, linears, self._arch)
+            sites = find_sites(name, linears, self._arch, vision=vision)
             if sites:
                 self._layers[module] = name
+                if vision:
+                    self._vision_layers.add(module)
                 self._sites[module] = [
-                    _Site(s, lins, ChannelStats(lins[0][1].in_features, self.max_text_tokens))
+                    _Site(
+                        s, lins, ChannelStats(lins[0][1].in_features, self.max_text_tokens), vision
+                    )
                     for s, lins in sites.items()
                 ]
         if not self._layers:
@@ -182,6 +210,12 @@ class SplitQModifier(Modifier):
                 "SplitQModifier found no language-model linears to quantize: check `targets`"
                 f" ({targets}) and `ignore` ({self.ignore}), and that the model's decoder "
                 f"layers match {self._arch.layers!r} (splitq_modifier.arch)"
+            )
+        if self.quantize_vision and not self._vision_layers:
+            raise ValueError(
+                "SplitQModifier(quantize_vision=True) found no vision-encoder linears to "
+                f"quantize: check `ignore` ({self.ignore}) and that the vision blocks match "
+                f"{self._arch.vision_layers!r} (splitq_modifier.arch)"
             )
         n_lin = sum(len(s.linears) for sites in self._sites.values() for s in sites)
         logger.info(
@@ -205,6 +239,10 @@ class SplitQModifier(Modifier):
     def on_sequential_epoch_end(
         self, state: State, event: Event, modules: list[torch.nn.Module] | None = None, **kwargs
     ) -> None:
+        # vision blocks first: they run inside the first subgraph's wrapped (untraced)
+        # code, which names no modules, and the next subgraphs must see them quantized
+        for layer in [m for m in self._layers if m in self._vision_layers and m in self._cache]:
+            self._quantize_layer(layer)
         for module in modules or []:
             for layer in [m for m in module.modules() if m in self._cache]:
                 self._quantize_layer(layer)
@@ -225,6 +263,9 @@ class SplitQModifier(Modifier):
             )
         self._cache.clear()
         self._masks.clear()
+        from splitq_modifier.report import attach_report
+
+        attach_report(state.model, self)  # save_pretrained(dir) also writes dir/splitq_report
         return True
 
     # ---------------------------------------------------------------- hooks
@@ -238,7 +279,12 @@ class SplitQModifier(Modifier):
         if self._digests is not None:  # first calibration pass: which samples this rank sees
             self._digests.append(sample_digest(ids))
 
-    def _current_masks(self, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    def _current_masks(
+        self, shape: torch.Size, vision_layer: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if vision_layer:  # inside the vision encoder every token is vision
+            vision = torch.ones(shape, dtype=torch.bool)
+            return vision, ~vision
         idx = active_session().state.current_batch_idx
         masks = self._masks.get(idx)
         if masks is None or masks[0].shape != shape:
@@ -252,7 +298,7 @@ class SplitQModifier(Modifier):
     def _capture_output(self, layer: torch.nn.Module, args: tuple, output) -> None:
         args, kwargs = self._pending.pop(layer)
         hidden = layer_output(output)
-        _, text = self._current_masks(hidden.shape[:-1])
+        _, text = self._current_masks(hidden.shape[:-1], layer in self._vision_layers)
         detach = lambda v: v.detach() if isinstance(v, torch.Tensor) else v  # noqa: E731
         sample = LayerSample(
             args=tuple(detach(a) for a in args),
@@ -267,7 +313,7 @@ class SplitQModifier(Modifier):
     def _stats_hook(self, site: _Site):
         def hook(module: torch.nn.Module, args: tuple) -> None:
             x = args[0]
-            vision, text = self._current_masks(x.shape[:-1])
+            vision, text = self._current_masks(x.shape[:-1], site.vision)
             site.stats.update(x.detach(), vision.to(x.device), text.to(x.device))
 
         return hook
@@ -287,14 +333,13 @@ class SplitQModifier(Modifier):
         outs = [lin.out_features for _, lin in site.linears]
         if self.channel_selection == "none":
             return ChannelSplit.none(d), plan_site(d, outs, 0.0, 0.0, self.channel_multiple)
-        plan = plan_site(
-            d, outs, self.vision_outlier_ratio, self.text_outlier_ratio, self.channel_multiple
-        )
+        text_ratio = 0.0 if site.vision else self.text_outlier_ratio
+        plan = plan_site(d, outs, self.vision_outlier_ratio, text_ratio, self.channel_multiple)
         v, t, m = select_channels(
             site.stats,
             self.channel_selection,
             self.vision_outlier_ratio,
-            self.text_outlier_ratio,
+            text_ratio,
             num_clusters=self.num_clusters,
             seed=self.seed,
             counts=plan.sizes[:2],
@@ -343,7 +388,14 @@ class SplitQModifier(Modifier):
                 "text": split.text.tolist(),
                 "dim": sum(split.sizes),
                 **plan.to_dict(),
+                "linears": [n[len(name) + 1 :] for n, _ in site.linears],
+                "num_vision_tokens": site.stats.num_vision_tokens,
+                "num_text_tokens": site.stats.num_text_tokens,
             }
+            self._channel_max[f"{name}.{site.name}"] = (
+                site.stats.vision_max.detach().float().cpu(),
+                site.stats.text_max.detach().float().cpu(),
+            )
             layouts.append(f"{site.name} {'/'.join(map(str, plan.sizes))}")
             seed = self.seed + 3 * len(self._report) if self.rotation_init else None
             ss = SplitSite(split, abits, smooth, self.learn_transforms, seed, plan.dims).to(device)
@@ -354,7 +406,9 @@ class SplitQModifier(Modifier):
                     ss,
                     wbits,
                     cws=self._branch(self.cws_rank_ratio),
-                    mac=self._branch(self.mac_rank_ratio, input=self.mac_input),
+                    mac=None
+                    if site.vision  # MAC corrects text tokens only
+                    else self._branch(self.mac_rank_ratio, input=self.mac_input),
                     context=self._context,
                 ).to(device)
                 parent, attr = _parent(layer, lin_name[len(name) + 1 :])
@@ -387,6 +441,7 @@ class SplitQModifier(Modifier):
             "loss_before": before,
             "loss_after": after,
             "seconds": {k: round(v, 3) for k, v in clock.items()},
+            "kind": "vision" if layer in self._vision_layers else "language",
         }
         logger.info(
             f"SplitQ {name}: paths v/t/m {', '.join(layouts)}; relative output error "
@@ -437,8 +492,21 @@ class SplitQModifier(Modifier):
 
     @property
     def report(self) -> dict[str, dict]:
-        """Per site: selected vision/text channels; per layer: output error before/after."""
+        """Per site: selected vision/text channels, realised path widths and factors, token
+        counts; per layer: output error before/after."""
         return dict(self._report)
+
+    @property
+    def channel_max(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per site: per-channel max ``|x|`` over vision and over text tokens (CPU)."""
+        return dict(self._channel_max)
+
+    def write_report(self, directory: str, plots: bool = True) -> str:
+        """Write the diagnostics report (JSON, channel maxima, PNG plots with matplotlib)
+        to ``directory`` (see :mod:`splitq_modifier.report`). Returns ``directory``."""
+        from splitq_modifier.report import collect, write_report
+
+        return write_report(directory, *collect(self), plots=plots)
 
 
 def _parent(root: torch.nn.Module, path: str) -> tuple[torch.nn.Module, str]:
