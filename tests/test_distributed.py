@@ -123,3 +123,21 @@ def test_disk_offloaded_model_calibrates_like_in_memory(tmp_path):
     with torch.no_grad():
         again = reloaded(**sample).logits
     assert float((again - outs[1]).abs().max() / outs[1].abs().max()) <= 1e-4
+
+
+def test_ddp_example_runs_on_two_ranks(tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    worker = Path(__file__).with_name("ddp_example_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", "29637", str(worker), str(tmp_path)]  # fmt: skip
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1] / "src"),
+                                         env.get("PYTHONPATH", "")])  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"example_rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world"] == 2 and ranks[0]["saved"] == ranks[1]["saved"]
+    model = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "q"))
+    assert any(isinstance(m, SplitQSiteLinear) for m in model.modules())
+    assert (tmp_path / "q" / "splitq_report" / "report.json").exists()

@@ -126,3 +126,38 @@ def test_serving_loads_without_llmcompressor(quantized):
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     res = json.loads(lines[-1][len("RESULT") :])
     assert res == {"llmcompressor": [], "calibration": []}
+
+
+_INTERPRET = textwrap.dedent(
+    """
+    import sys, torch
+    import splitq_modifier
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(sys.argv[1])
+    sample = torch.load(sys.argv[1] + "/sample.pt", weights_only=False)
+    with torch.no_grad():
+        torch.save(model(**sample).logits, sys.argv[1] + "/triton_logits.pt")
+    """
+)
+
+
+def test_triton_path_matches_reference_at_model_level(quantized):
+    """A reloaded model's forward through the Triton kernels (CUDA code path, run by Triton's
+    interpreter on CPU) gives the reference path's logits."""
+    from transformers import AutoModelForImageTextToText
+
+    _, _, sample, path = quantized
+    env = {**os.environ, "SPLITQ_TRITON_INTERPRET": "1", "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERPRET, str(path)], capture_output=True, text=True,
+        timeout=900, env={**env, "TOKENIZERS_PARALLELISM": "false"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(path / "triton_logits.pt")
+    with torch.no_grad():
+        ref = AutoModelForImageTextToText.from_pretrained(str(path))(**sample).logits
+    err = float((got - ref).abs().max() / ref.abs().max())
+    print(f"Triton (interpreter) vs reference logits: max relative error {err:.3g}")
+    assert err <= 1e-3
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
