@@ -369,3 +369,10 @@ class SplitQModifier(Modifier):
 def _parent(root: torch.nn.Module, path: str) -> tuple[torch.nn.Module, str]:
     parent_path, _, attr = path.rpartition(".")
     return (root.get_submodule(parent_path) if parent_path else root), attr
+
+
+# registered here too: when this module is what first imports llmcompressor, the import hook
+# of ``splitq_modifier`` runs before the class exists
+from splitq_modifier import _register_modifier  # noqa: E402
+
+_register_modifier()
