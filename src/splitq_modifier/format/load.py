@@ -41,6 +41,7 @@ from transformers.quantizers import auto as hf_auto
 from transformers.quantizers.quantizer_compressed_tensors import CompressedTensorsHfQuantizer
 from transformers.utils.quantization_config import CompressedTensorsConfig
 
+from splitq_modifier.format.guard import SplitQCompressedTensorsConfig
 from splitq_modifier.format.spec import (
     FORMAT_NAME,
     LinearSpec,
@@ -395,8 +396,12 @@ class SplitQCompressedTensorsHfQuantizer(CompressedTensorsHfQuantizer):
 
 def install_loader() -> None:
     """Route transformers' ``compressed-tensors`` checkpoints through
-    :class:`SplitQCompressedTensorsHfQuantizer` (idempotent)."""
+    :class:`SplitQCompressedTensorsHfQuantizer`, and their ``quantization_config`` through
+    :class:`~splitq_modifier.format.guard.SplitQCompressedTensorsConfig` (idempotent)."""
     current = hf_auto.AUTO_QUANTIZER_MAPPING.get("compressed-tensors")
-    if current is not None and issubclass(current, SplitQCompressedTensorsHfQuantizer):
-        return
-    hf_auto.AUTO_QUANTIZER_MAPPING["compressed-tensors"] = SplitQCompressedTensorsHfQuantizer
+    if current is None or not issubclass(current, SplitQCompressedTensorsHfQuantizer):
+        hf_auto.AUTO_QUANTIZER_MAPPING["compressed-tensors"] = SplitQCompressedTensorsHfQuantizer
+    configs = hf_auto.AUTO_QUANTIZATION_CONFIG_MAPPING
+    current_config = configs.get("compressed-tensors")
+    if current_config is None or not issubclass(current_config, SplitQCompressedTensorsConfig):
+        configs["compressed-tensors"] = SplitQCompressedTensorsConfig
