@@ -31,8 +31,9 @@ from llmcompressor.core import Event, State, active_session
 from llmcompressor.modifiers import Modifier
 from llmcompressor.modifiers.utils.hooks import HooksMixin
 from loguru import logger
-from pydantic import Field, PrivateAttr, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
+from splitq_modifier import checks
 from splitq_modifier.acc import QuantBranch
 from splitq_modifier.arch import ArchSpec, find_sites, get_arch, is_decoder_layer, vision_token_ids
 from splitq_modifier.calibrate import LayerSample, TrainConfig, layer_output, train_layer
@@ -110,10 +111,10 @@ class SplitQModifier(Modifier):
     learn_gates: bool = True
     mac_input: Literal["residual", "act"] = "residual"
     epochs: int = Field(default=15, ge=0)
-    lr: float = Field(default=5e-3, gt=0.0)
-    clip_lr_multiplier: float = Field(default=10.0, gt=0.0)
+    lr: float = Field(default=5e-3, gt=0.0, allow_inf_nan=False)
+    clip_lr_multiplier: float = Field(default=10.0, gt=0.0, allow_inf_nan=False)
     batch_size: int = Field(default=4, ge=1)
-    seed: int = 0
+    seed: int = Field(default=0, ge=-(2**63), le=2**63 - 1)
     cache_device: str | None = None
 
     _arch: ArchSpec | None = PrivateAttr(default=None)
@@ -125,6 +126,10 @@ class SplitQModifier(Modifier):
     _cache: dict[torch.nn.Module, list[LayerSample]] = PrivateAttr(default_factory=dict)
     _pending: dict[torch.nn.Module, tuple] = PrivateAttr(default_factory=dict)
     _report: dict[str, dict] = PrivateAttr(default_factory=dict)
+    _guard: checks.CalibrationGuard = PrivateAttr(default_factory=checks.CalibrationGuard)
+
+    _check_activation_bits = field_validator("activation_bits")(checks.activation_bits)
+    _check_cache_device = field_validator("cache_device")(checks.device_name)
 
     @model_validator(mode="after")
     def _check_ratios(self) -> SplitQModifier:
@@ -138,6 +143,7 @@ class SplitQModifier(Modifier):
     # ----------------------------------------------------------------- lifecycle
     def on_initialize(self, state: State, **kwargs) -> bool:
         model = state.model
+        checks.check_device_available(self.cache_device, "cache_device")
         self._arch = get_arch(model.config)
         self._vision_ids = vision_token_ids(model.config, self._arch)
         if not self._vision_ids:
@@ -153,6 +159,7 @@ class SplitQModifier(Modifier):
                 continue
             sites = find_sites(name, linears, self._arch)
             if sites:
+                checks.check_site_layouts(self, name, sites)
                 self._layers[module] = name
                 self._sites[module] = [
                     _Site(s, lins, ChannelStats(lins[0][1].in_features, self.max_text_tokens))
@@ -187,7 +194,8 @@ class SplitQModifier(Modifier):
         self, state: State, event: Event, modules: list[torch.nn.Module] | None = None, **kwargs
     ) -> None:
         for module in modules or []:
-            for layer in [m for m in module.modules() if m in self._cache]:
+            # layers whose batches were all skipped have no cache entry: _quantize_layer says so
+            for layer in [m for m in module.modules() if m in self._cache or self._skipped(m)]:
                 self._quantize_layer(layer)
 
     def on_calibration_end(self, state: State, event: Event, **kwargs) -> None:
@@ -216,6 +224,7 @@ class SplitQModifier(Modifier):
         vision = torch.isin(ids, torch.tensor(self._vision_ids, device=ids.device))
         idx = active_session().state.current_batch_idx
         self._masks[idx] = (vision.cpu(), (~vision).cpu())
+        self._guard.record_batch(idx, ids, vision)
 
     def _current_masks(self, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
         idx = active_session().state.current_batch_idx
@@ -226,11 +235,18 @@ class SplitQModifier(Modifier):
         return masks
 
     def _capture_inputs(self, layer: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs.get("hidden_states")
+        idx = active_session().state.current_batch_idx
+        vision = self._current_masks(x.shape[:-1])[0] if isinstance(x, torch.Tensor) else None
+        self._guard.layer_input_ok(idx, self._layers[layer], x, vision)
         self._pending[layer] = (args, kwargs)
 
     def _capture_output(self, layer: torch.nn.Module, args: tuple, output) -> None:
         args, kwargs = self._pending.pop(layer)
         hidden = layer_output(output)
+        idx = active_session().state.current_batch_idx
+        if not self._guard.layer_output_ok(idx, self._layers[layer], hidden):
+            return  # a non-finite batch (warned once): not cached
         _, text = self._current_masks(hidden.shape[:-1])
         detach = lambda v: v.detach() if isinstance(v, torch.Tensor) else v  # noqa: E731
         sample = LayerSample(
@@ -246,6 +262,9 @@ class SplitQModifier(Modifier):
     def _stats_hook(self, site: _Site):
         def hook(module: torch.nn.Module, args: tuple) -> None:
             x = args[0]
+            idx = active_session().state.current_batch_idx
+            if not self._guard.site_input_ok(idx, f"{site.linears[0][0]} (site {site.name})", x):
+                return
             vision, text = self._current_masks(x.shape[:-1])
             site.stats.update(x.detach(), vision.to(x.device), text.to(x.device))
 
@@ -300,7 +319,9 @@ class SplitQModifier(Modifier):
 
     def _quantize_layer(self, layer: torch.nn.Module) -> None:
         name = self._layers[layer]
-        samples = self._cache.pop(layer)
+        samples = self._cache.pop(layer, [])
+        checks.check_linear_weights(lin for site in self._sites[layer] for lin in site.linears)
+        self._guard.require_samples(name, len(samples), active_session().state.model)
         wbits, abits = self._bits()
         device = next(layer.parameters()).device
         for p in layer.parameters():
@@ -342,10 +363,14 @@ class SplitQModifier(Modifier):
             swapped.append((ss, parents[0], attrs, qs))
             site.stats = None  # free the statistics
         cfg = TrainConfig(self.epochs, self.lr, self.clip_lr_multiplier, self.batch_size, self.seed)
+        snapshot = checks.trainable_snapshot(layer)
         with HooksMixin.disable_hooks():
             before, after = train_layer(layer, samples, cfg, self._set_mask, desc=f"SplitQ {name}")
+        after = checks.restore_if_diverged(layer, snapshot, name, before, after)
         for ss, parent, attrs, qs in swapped:
-            for attr, frozen in zip(attrs, freeze_site(ss, qs, attrs, self._context)):
+            frozen_site = freeze_site(ss, qs, attrs, self._context)
+            checks.check_frozen_site(f"{name}.{_relative(layer, parent)}{attrs[0]}", frozen_site[0])
+            for attr, frozen in zip(attrs, frozen_site):
                 setattr(parent, attr, frozen)
         self._context.text_mask = None
         self._report[name] = {"loss_before": before, "loss_after": after}
@@ -357,6 +382,14 @@ class SplitQModifier(Modifier):
     def _set_mask(self, mask: torch.Tensor | None) -> None:
         self._context.text_mask = mask
 
+    def _skipped(self, layer: torch.nn.Module) -> bool:
+        """A decoder layer the pipeline ran, not calibrated, with no cached batch."""
+        return (
+            layer in self._sites
+            and self._layers[layer] not in self._report
+            and bool(self._guard.bad)
+        )
+
     def _done_layers(self) -> set[torch.nn.Module]:
         return {m for m, n in self._layers.items() if n in self._report}
 
@@ -364,6 +397,11 @@ class SplitQModifier(Modifier):
     def report(self) -> dict[str, dict]:
         """Per site: selected vision/text channels; per layer: output error before/after."""
         return dict(self._report)
+
+
+def _relative(root: torch.nn.Module, module: torch.nn.Module) -> str:
+    """``"self_attn."``: the path of ``module`` inside ``root`` with a trailing dot."""
+    return next((f"{n}." if n else "" for n, m in root.named_modules() if m is module), "")
 
 
 def _parent(root: torch.nn.Module, path: str) -> tuple[torch.nn.Module, str]:
