@@ -3,7 +3,9 @@
 Policy (``docs/robustness.md``): a calibration batch with a NaN or an infinity anywhere SplitQ
 looks (a decoder layer's input, an activation site's input, a layer's output) is **skipped**,
 with one warning naming the batch, the module and what to do; it stays out of the MOCD
-statistics and the training of that layer and of every later one. Calibration **stops**
+statistics and the training of that layer and of every later one (when the first non-finite
+value appears inside a layer, its finite activations at that layer's earlier sites are already
+in those sites' statistics: maxima and sums cannot be taken back). Calibration **stops**
 (:class:`SplitQCalibrationError`) only when a layer is left with no finite batch, or the
 full-precision weights themselves are not finite. Nothing non-finite is ever frozen: the
 learned parameters are checked after training (a diverged layer falls back to its initial
