@@ -30,6 +30,12 @@ __version__ = "0.2.0"
 
 
 def _register_modifier() -> None:
+    partial = sys.modules.get("splitq_modifier.modifier")
+    if partial is not None and not hasattr(partial, "SplitQModifier"):
+        # llm-compressor is being imported by splitq_modifier.modifier itself (e.g.
+        # ``from splitq_modifier import SplitQModifier`` first): the class does not exist
+        # yet, and the module registers it once it is defined
+        return
     from llmcompressor.modifiers.factory import ModifierFactory
 
     from splitq_modifier.distributed import install_partition_fix

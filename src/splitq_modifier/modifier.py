@@ -32,8 +32,9 @@ from llmcompressor.core import Event, State, active_session
 from llmcompressor.modifiers import Modifier
 from llmcompressor.modifiers.utils.hooks import HooksMixin
 from loguru import logger
-from pydantic import Field, PrivateAttr, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
+from splitq_modifier import checks
 from splitq_modifier.acc import QuantBranch
 from splitq_modifier.arch import (
     ArchSpec,
@@ -146,10 +147,10 @@ class SplitQModifier(Modifier):
     learn_gates: bool = True
     mac_input: Literal["residual", "act"] = "residual"
     epochs: int = Field(default=15, ge=0)
-    lr: float = Field(default=5e-3, gt=0.0)
-    clip_lr_multiplier: float = Field(default=10.0, gt=0.0)
+    lr: float = Field(default=5e-3, gt=0.0, allow_inf_nan=False)
+    clip_lr_multiplier: float = Field(default=10.0, gt=0.0, allow_inf_nan=False)
     batch_size: int = Field(default=4, ge=1)
-    seed: int = 0
+    seed: int = Field(default=0, ge=-(2**63), le=2**63 - 1)
     weight_rounding: Literal["rtn", "gptq"] = "gptq"
     cache_device: str | None = None
     quantize_vision: bool = False
@@ -167,6 +168,10 @@ class SplitQModifier(Modifier):
     _digests: list[str] | None = PrivateAttr(default_factory=list)
     _channel_max: dict[str, tuple[torch.Tensor, torch.Tensor]] = PrivateAttr(default_factory=dict)
     _vision_layers: set[torch.nn.Module] = PrivateAttr(default_factory=set)
+    _guard: checks.CalibrationGuard = PrivateAttr(default_factory=checks.CalibrationGuard)
+
+    _check_activation_bits = field_validator("activation_bits")(checks.activation_bits)
+    _check_cache_device = field_validator("cache_device")(checks.device_name)
 
     @model_validator(mode="after")
     def _check_ratios(self) -> SplitQModifier:
@@ -180,6 +185,7 @@ class SplitQModifier(Modifier):
     # ----------------------------------------------------------------- lifecycle
     def on_initialize(self, state: State, **kwargs) -> bool:
         model = state.model
+        checks.check_device_available(self.cache_device, "cache_device")
         self._arch = get_arch(model.config)
         self._vision_ids = vision_token_ids(model.config, self._arch)
         if not self._vision_ids:
@@ -196,6 +202,7 @@ class SplitQModifier(Modifier):
                 continue
             sites = find_sites(name, linears, self._arch, vision=vision)
             if sites:
+                checks.check_site_layouts(self, name, sites)
                 self._layers[module] = name
                 if vision:
                     self._vision_layers.add(module)
@@ -244,7 +251,8 @@ class SplitQModifier(Modifier):
         for layer in [m for m in self._layers if m in self._vision_layers and m in self._cache]:
             self._quantize_layer(layer)
         for module in modules or []:
-            for layer in [m for m in module.modules() if m in self._cache]:
+            # layers whose batches were all skipped have no cache entry: _quantize_layer says so
+            for layer in [m for m in module.modules() if m in self._cache or self._skipped(m)]:
                 self._quantize_layer(layer)
 
     def on_calibration_end(self, state: State, event: Event, **kwargs) -> None:
@@ -276,6 +284,7 @@ class SplitQModifier(Modifier):
         vision = torch.isin(ids, torch.tensor(self._vision_ids, device=ids.device))
         idx = active_session().state.current_batch_idx
         self._masks[idx] = (vision.cpu(), (~vision).cpu())
+        self._guard.record_batch(idx, ids, vision)
         if self._digests is not None:  # first calibration pass: which samples this rank sees
             self._digests.append(sample_digest(ids))
 
@@ -293,11 +302,18 @@ class SplitQModifier(Modifier):
         return masks
 
     def _capture_inputs(self, layer: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs.get("hidden_states")
+        idx = active_session().state.current_batch_idx
+        vision = self._current_masks(x.shape[:-1])[0] if isinstance(x, torch.Tensor) else None
+        self._guard.layer_input_ok(idx, self._layers[layer], x, vision)
         self._pending[layer] = (args, kwargs)
 
     def _capture_output(self, layer: torch.nn.Module, args: tuple, output) -> None:
         args, kwargs = self._pending.pop(layer)
         hidden = layer_output(output)
+        idx = active_session().state.current_batch_idx
+        if not self._guard.layer_output_ok(idx, self._layers[layer], hidden):
+            return  # a non-finite batch (warned once): not cached
         _, text = self._current_masks(hidden.shape[:-1], layer in self._vision_layers)
         detach = lambda v: v.detach() if isinstance(v, torch.Tensor) else v  # noqa: E731
         sample = LayerSample(
@@ -313,6 +329,9 @@ class SplitQModifier(Modifier):
     def _stats_hook(self, site: _Site):
         def hook(module: torch.nn.Module, args: tuple) -> None:
             x = args[0]
+            idx = active_session().state.current_batch_idx
+            if not self._guard.site_input_ok(idx, f"{site.linears[0][0]} (site {site.name})", x):
+                return
             vision, text = self._current_masks(x.shape[:-1], site.vision)
             site.stats.update(x.detach(), vision.to(x.device), text.to(x.device))
 
@@ -369,7 +388,9 @@ class SplitQModifier(Modifier):
             warn_on_overlap(self._digests)  # data parallel: are the ranks' shares disjoint?
             self._digests = None
         name = self._layers[layer]
-        samples = self._cache.pop(layer)
+        samples = self._cache.pop(layer, [])
+        checks.check_linear_weights(lin for site in self._sites[layer] for lin in site.linears)
+        self._guard.require_samples(name, len(samples), active_session().state.model)
         wbits, abits = self._bits()
         device = next(layer.parameters()).device
         for p in layer.parameters():
@@ -425,13 +446,16 @@ class SplitQModifier(Modifier):
             site.stats = None  # free the statistics
             clock["build"] += time.perf_counter() - t1
         cfg = TrainConfig(self.epochs, self.lr, self.clip_lr_multiplier, self.batch_size, self.seed)
+        snapshot = checks.trainable_snapshot(layer)
         t0 = time.perf_counter()
         with HooksMixin.disable_hooks():
             before, after = train_layer(layer, samples, cfg, self._set_mask, desc=f"SplitQ {name}")
+        after = checks.restore_if_diverged(layer, snapshot, name, before, after)
         t1 = time.perf_counter()
         hessians = self._hessians(layer, samples, swapped) if self.weight_rounding == "gptq" else {}
         for ss, parent, attrs, qs, originals in swapped:
             frozen_site = freeze_site(ss, qs, attrs, self._context, hessians.get(id(ss)))
+            checks.check_frozen_site(f"{name}.{_relative(layer, parent)}{attrs[0]}", frozen_site[0])
             for attr, frozen in zip(attrs, frozen_site):
                 _offload_like(frozen, originals[0])
                 setattr(parent, attr, frozen)
@@ -487,6 +511,14 @@ class SplitQModifier(Modifier):
     def _set_mask(self, mask: torch.Tensor | None) -> None:
         self._context.text_mask = mask
 
+    def _skipped(self, layer: torch.nn.Module) -> bool:
+        """A decoder layer the pipeline ran, not calibrated, with no cached batch."""
+        return (
+            layer in self._sites
+            and self._layers[layer] not in self._report
+            and bool(self._guard.bad)
+        )
+
     def _done_layers(self) -> set[torch.nn.Module]:
         return {m for m, n in self._layers.items() if n in self._report}
 
@@ -509,6 +541,11 @@ class SplitQModifier(Modifier):
         return write_report(directory, *collect(self), plots=plots)
 
 
+def _relative(root: torch.nn.Module, module: torch.nn.Module) -> str:
+    """``"self_attn."``: the path of ``module`` inside ``root`` with a trailing dot."""
+    return next((f"{n}." if n else "" for n, m in root.named_modules() if m is module), "")
+
+
 def _parent(root: torch.nn.Module, path: str) -> tuple[torch.nn.Module, str]:
     parent_path, _, attr = path.rpartition(".")
     return (root.get_submodule(parent_path) if parent_path else root), attr
@@ -527,3 +564,10 @@ def _offload_like(module: torch.nn.Module, original: torch.nn.Module) -> None:
     for m in module.modules():
         if not isinstance(m._buffers, OffloadCache) and (m._buffers or m._parameters):
             offload_module(m, **kwargs)
+
+
+# registered here too: when this module is what first imports llmcompressor, the import hook
+# of ``splitq_modifier`` runs before the class exists
+from splitq_modifier import _register_modifier  # noqa: E402
+
+_register_modifier()

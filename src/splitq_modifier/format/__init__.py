@@ -10,12 +10,20 @@ Importing this subpackage (``import splitq_modifier`` does) registers everything
   (:mod:`.save`);
 - :class:`SplitQCompressedTensorsHfQuantizer` as transformers' ``compressed-tensors``
   quantizer, which turns loaded SplitQ linears into :class:`SplitQSiteLinear` modules
-  (:mod:`.load`).
+  (:mod:`.load`), and :class:`SplitQCompressedTensorsConfig` as its quantization config,
+  which reads the guarded ``config.json`` form (:mod:`.guard`: without the package, loading
+  stops with one short validation error naming the format and the fix).
 
 See ``docs/format.md``.
 """
 
 from splitq_modifier.format.compressor import SplitQPackedCompressor
+from splitq_modifier.format.guard import (
+    GUARD_MESSAGE,
+    SplitQCompressedTensorsConfig,
+    decode_quantization_config,
+    encode_quantization_config,
+)
 from splitq_modifier.format.load import (
     SplitQCompressedTensorsHfQuantizer,
     check_checkpoint,
@@ -40,13 +48,17 @@ install_loader()
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "GUARD_MESSAGE",
     "SUPPORTED_VERSIONS",
     "BranchSpec",
     "LinearSpec",
+    "SplitQCompressedTensorsConfig",
     "SplitQCompressedTensorsHfQuantizer",
     "SplitQFormatError",
     "SplitQPackedCompressor",
     "check_checkpoint",
     "convert_loaded_model",
+    "decode_quantization_config",
+    "encode_quantization_config",
     "prepare_model_for_save",
 ]

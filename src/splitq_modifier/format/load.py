@@ -19,8 +19,12 @@ Nothing there ever runs a custom forward, so ``import splitq_modifier`` replaces
 for checkpoints without SplitQ groups and, for ``splitq-packed`` ones:
 
 - rejects an unknown format version when the config is read (before any weight is touched);
-- before loading, checks the checkpoint's tensor names, shapes and dtypes (safetensors
-  headers) against what the config's specs require, and fails naming the tensor;
+- before loading, checks each SplitQ config group against the model's linears, each
+  safetensors file against its header (truncation), and the checkpoint's tensor names, shapes
+  and dtypes against what the config's specs require (missing, extra, mis-shaped tensors),
+  failing naming the file, module and tensor (:mod:`.validate`);
+- after loading, checks the values of each site's tensors (``perm`` a permutation, finite
+  scales and factors, ...) before the model is returned;
 - after loading, swaps each loaded linear for a :class:`SplitQSiteLinear` built from the
   packed tensors (no dense weight is materialised; a site's owner holds its tensors, the
   other members point at it), re-attaches the modality-context hook (with the vision token ids
@@ -41,11 +45,18 @@ from transformers.quantizers import auto as hf_auto
 from transformers.quantizers.quantizer_compressed_tensors import CompressedTensorsHfQuantizer
 from transformers.utils.quantization_config import CompressedTensorsConfig
 
+from splitq_modifier.format.guard import SplitQCompressedTensorsConfig
 from splitq_modifier.format.spec import (
     FORMAT_NAME,
     LinearSpec,
     SplitQFormatError,
     is_splitq_scheme,
+)
+from splitq_modifier.format.validate import (
+    check_model_against_specs,
+    describe_problems,
+    read_safetensors_header,
+    site_value_problems,
 )
 from splitq_modifier.runtime.modules import (
     ModalityContext,
@@ -83,17 +94,24 @@ def _expected(module: nn.Module, spec: LinearSpec, name: str) -> dict:
 
 
 def _header_shapes(checkpoint_files: list[str]) -> dict[str, tuple[tuple[int, ...], str]]:
-    from safetensors import safe_open
-
+    """Name -> (shape, dtype) of every tensor of the checkpoint's safetensors files (each file
+    checked for truncation first); empty when a file is not safetensors."""
     shapes: dict[str, tuple[tuple[int, ...], str]] = {}
     for file in checkpoint_files:
         if not str(file).endswith(".safetensors"):
             return {}
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                sl = f.get_slice(key)
-                shapes[key] = (tuple(sl.get_shape()), sl.get_dtype())
+        shapes.update(read_safetensors_header(str(file)))
     return shapes
+
+
+def _owning_module(key: str, names: set[str]) -> str | None:
+    """The SplitQ module (in ``names``) a tensor key belongs to: its own parent or, for a
+    branch tensor (``...q_proj.cws.up_packed``), its grandparent."""
+    parent = key.rpartition(".")[0]
+    if parent in names:
+        return parent
+    grand = parent.rpartition(".")[0]
+    return grand if grand in names else None
 
 
 _DTYPE_NAMES = {torch.int32: "I32", torch.float32: "F32"}
@@ -158,7 +176,21 @@ def check_checkpoint(
     header = {to_model(k): v for k, v in header.items()}
     where = os.path.dirname(str(checkpoint_files[0]))
     problems = []
-    for name, module, spec in _splitq_modules(model):
+    modules = _splitq_modules(model)
+    expected_keys: set[str] = set()
+    for name, module, spec in modules:
+        expected_keys.update(f"{name}.{k}" for k in _expected(module, spec, name))
+    names = {name for name, _, _ in modules}
+    for key in sorted(header):
+        owner = _owning_module(key, names)
+        if owner is not None and key not in expected_keys:
+            ckpt = to_checkpoint(key)
+            shown = repr(ckpt) if ckpt == key else f"{ckpt!r} (module tensor {key!r})"
+            problems.append(
+                f"tensor {shown} is not part of splitq-packed linear {owner} (extra: its "
+                "config.json spec stores no such tensor)"
+            )
+    for name, module, spec in modules:
         desc = (
             f"config.json's splitq spec (sizes={list(spec.sizes)}, "
             f"weight_bits={list(spec.weight_bits)}, outputs={list(spec.out_splits)}, "
@@ -224,6 +256,21 @@ def _branch(
     )  # fmt: skip
 
 
+def _owner_from_tensors(name: str, tensors: dict, **kwargs: Any) -> SplitQSiteLinear:
+    """The site owner built from its loaded tensors, after checking their values."""
+    try:
+        owner = SplitQSiteLinear.owner_from_tensors(tensors, **kwargs)
+    except ValueError as e:  # shapes the header check could not see (no safetensors files)
+        raise SplitQFormatError(f"splitq-packed linear {name}: {e}. {_FIX}") from e
+    problems = site_value_problems(owner)
+    if problems:
+        raise SplitQFormatError(
+            f"splitq-packed linear {name}: {describe_problems(name, problems)}. The stored "
+            f"values are corrupt (a model with them would give wrong outputs). {_FIX}"
+        )
+    return owner
+
+
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str, str]:
     parent_name, _, attr = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), parent_name, attr
@@ -249,7 +296,8 @@ def convert_loaded_model(model: nn.Module, context: ModalityContext | None = Non
             direct = {k: v for k, v in expected.items() if "." not in k}
             tensors = {k: _tensor(module, k, *v, name) for k, v in direct.items()}
             big_d = sum(spec.out_splits)
-            new = SplitQSiteLinear.owner_from_tensors(
+            new = _owner_from_tensors(
+                name,
                 tensors,
                 sizes=spec.sizes,
                 dims=spec.factors,
@@ -333,7 +381,7 @@ class SplitQCompressedTensorsHfQuantizer(CompressedTensorsHfQuantizer):
         if ct_config is not None:
             for group, scheme in ct_config.config_groups.items():
                 if is_splitq_scheme(scheme):
-                    where = f"quantization_config.config_groups[{group!r}]"
+                    where = f"quantization_config group {group!r}"
                     self.splitq_specs[group] = LinearSpec.from_scheme(scheme, where=where)
         if self.splitq_specs and not quantization_config.is_quantization_compressed:
             raise SplitQFormatError(
@@ -350,6 +398,9 @@ class SplitQCompressedTensorsHfQuantizer(CompressedTensorsHfQuantizer):
             )
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        if self.splitq_specs:
+            qc = self.compressor.quantization_config
+            check_model_against_specs(model, qc.config_groups, qc.ignore)
         super()._process_model_before_weight_loading(model, **kwargs)
         if self.splitq_specs:
             check_checkpoint(model, kwargs.get("checkpoint_files"), self)
@@ -395,8 +446,12 @@ class SplitQCompressedTensorsHfQuantizer(CompressedTensorsHfQuantizer):
 
 def install_loader() -> None:
     """Route transformers' ``compressed-tensors`` checkpoints through
-    :class:`SplitQCompressedTensorsHfQuantizer` (idempotent)."""
+    :class:`SplitQCompressedTensorsHfQuantizer`, and their ``quantization_config`` through
+    :class:`~splitq_modifier.format.guard.SplitQCompressedTensorsConfig` (idempotent)."""
     current = hf_auto.AUTO_QUANTIZER_MAPPING.get("compressed-tensors")
-    if current is not None and issubclass(current, SplitQCompressedTensorsHfQuantizer):
-        return
-    hf_auto.AUTO_QUANTIZER_MAPPING["compressed-tensors"] = SplitQCompressedTensorsHfQuantizer
+    if current is None or not issubclass(current, SplitQCompressedTensorsHfQuantizer):
+        hf_auto.AUTO_QUANTIZER_MAPPING["compressed-tensors"] = SplitQCompressedTensorsHfQuantizer
+    configs = hf_auto.AUTO_QUANTIZATION_CONFIG_MAPPING
+    current_config = configs.get("compressed-tensors")
+    if current_config is None or not issubclass(current_config, SplitQCompressedTensorsConfig):
+        configs["compressed-tensors"] = SplitQCompressedTensorsConfig

@@ -11,11 +11,15 @@ module's name, for its ``targets``), so :func:`prepare_model_for_save` runs firs
 groups the linears by :class:`LinearSpec` (a site's owner, e.g. ``q_proj``, stores the site's
 tensors; ``k_proj`` and ``v_proj`` record their index in it) and gives each group one scheme
 whose targets are ``re:`` patterns of the module names with layer indices generalised (checked
-to match exactly that group), or the exact names where no pattern does.
+to match exactly that group), or the exact names where no pattern does. The compressor it
+returns (:class:`SplitQModelCompressor`) writes ``config.json`` in the guarded form of
+:mod:`splitq_modifier.format.guard`.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from collections import defaultdict
 
@@ -23,10 +27,12 @@ from compressed_tensors.compressors import ModelCompressor
 from compressed_tensors.quantization import QuantizationStatus
 from torch import nn
 
+from splitq_modifier.format.guard import encode_quantization_config
 from splitq_modifier.format.spec import FORMAT_NAME, LinearSpec, SplitQFormatError, is_splitq_scheme
 from splitq_modifier.runtime.modules import SplitQSiteLinear
 
 __all__ = [
+    "SplitQModelCompressor",
     "splitq_linears",
     "prepare_model_for_save",
     "group_name_hint",
@@ -100,6 +106,25 @@ def _rename_groups(compressor: ModelCompressor) -> None:
     qc.config_groups = renamed
 
 
+class SplitQModelCompressor(ModelCompressor):
+    """The ``ModelCompressor`` of a model with SplitQ linears: writes ``config.json``'s
+    ``quantization_config`` in the guarded file form (:mod:`splitq_modifier.format.guard`)."""
+
+    def update_config(self, save_directory: str) -> None:
+        """compressed-tensors' ``update_config``, then the SplitQ groups encoded."""
+        super().update_config(save_directory)
+        path = os.path.join(save_directory, "config.json")
+        if not os.path.exists(path):
+            return
+        with open(path) as f:
+            data = json.load(f)
+        if "quantization_config" not in data:
+            return
+        data["quantization_config"] = encode_quantization_config(data["quantization_config"])
+        with open(path, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+
+
 def install_save_hook() -> None:
     """Wrap ``ModelCompressor.from_pretrained_model`` to prepare SplitQ linears (idempotent).
 
@@ -124,7 +149,7 @@ def install_save_hook() -> None:
                 "online transforms). Save with save_compressed=True and no quantization_format."
             )
         prepare_model_for_save(model)
-        compressor = original(cls, model, None, *args, **kwargs)
+        compressor = original(SplitQModelCompressor, model, None, *args, **kwargs)
         _rename_groups(compressor)
         return compressor
 
