@@ -70,6 +70,7 @@ def check_splitq_checkpoint(path: str) -> dict:
     :raises FileNotFoundError: no ``config.json`` in ``path``
     :raises ValueError: the config holds no ``splitq-packed`` group (not a SplitQ save)
     """
+    from splitq_modifier.format.guard import decode_quantization_config
     from splitq_modifier.format.spec import FORMAT_NAME
 
     cfg_path = os.path.join(path, "config.json")
@@ -79,7 +80,7 @@ def check_splitq_checkpoint(path: str) -> dict:
             "saved to with model.save_pretrained(dir, save_compressed=True)"
         )
     with open(cfg_path) as f:
-        qc = json.load(f).get("quantization_config") or {}
+        qc = decode_quantization_config(json.load(f).get("quantization_config") or {})
     groups = qc.get("config_groups") or {}
     if not any(g.get("format") == FORMAT_NAME for g in groups.values()):
         raise ValueError(
