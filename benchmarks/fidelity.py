@@ -10,7 +10,8 @@ calibration samples, and is scored on the same held-out samples:
 Models: ``planted`` (tiny random-weight Qwen2.5-VL with planted modality outliers),
 ``planted-llava``, ``trained`` (benchmarks/train_tiny_vlm.py: a tiny LLaVA trained on a
 synthetic visual question task, with baked-in outliers; ``trained-mm``: the same with both
-modalities' outliers kept through training, ``--preset mm``), or a hub id / local path of a real
+modalities' outliers kept through training, ``--preset mm``; ``trained-mm-wide``: text hidden
+256, ``--preset mm-wide``), or a hub id / local path of a real
 VLM: ``--model <FP hub id or path> --quantized <saved SplitQ dir> --dataset <hub id or
 folder>`` runs :mod:`splitq_modifier.evaluate` (needs weights and normally a GPU).
 
@@ -154,6 +155,10 @@ class Bench:
     accuracy: Callable[[torch.nn.Module], float] | None = None
 
 
+#: The models this script builds itself; any other ``--model`` is a real VLM (hub id or path).
+BENCH_MODELS = ("planted", "planted-llava", "trained", "trained-mm", "trained-mm-wide")
+
+
 def load_bench(name: str, n_calib: int, n_eval: int, seed: int) -> Bench:
     """Build or load the benchmark model ``name`` with its calibration / evaluation data."""
     if name in ("planted", "planted-llava"):
@@ -167,12 +172,13 @@ def load_bench(name: str, n_calib: int, n_eval: int, seed: int) -> Bench:
             synthetic_samples(tiny, n_eval, seed=seed + 1000),
             tiny.image_token_id,
         )
-    if name in ("trained", "trained-mm"):
+    if name in ("trained", "trained-mm", "trained-mm-wide"):
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import train_tiny_vlm as tv
 
-        if name == "trained-mm":  # vision and text outliers both survive training
-            model, task = tv.load_or_train(seed=seed, preset="mm", threads=1)
+        if name.startswith("trained-mm"):  # vision and text outliers both survive training
+            preset = "mm-wide" if name == "trained-mm-wide" else "mm"
+            model, task = tv.load_or_train(seed=seed, preset=preset, threads=1)
         else:  # the configuration measured in docs/results.md (1500 training steps)
             model, task = tv.load_or_train(seed=seed, overrides={"steps": 1500}, threads=1)
         evals = task.eval_samples(n_eval)
@@ -192,8 +198,7 @@ def load_bench(name: str, n_calib: int, n_eval: int, seed: int) -> Bench:
         )
     raise SystemExit(
         f"--model {name!r}: real VLMs (hub id or path) need their weights and a processed "
-        "dataset; see docs/results.md for the call. Choices here: planted, planted-llava, trained, "
-        "trained-mm"
+        f"dataset; see docs/results.md for the call. Choices here: {', '.join(BENCH_MODELS)}"
     )
 
 
@@ -298,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--model", default="planted")
-    if pre.parse_known_args(argv)[0].model not in ("planted", "planted-llava", "trained"):
+    if pre.parse_known_args(argv)[0].model not in BENCH_MODELS:
         from splitq_modifier.evaluate import main as evaluate_real_model
 
         return evaluate_real_model(argv)  # a hub id or path: FP vs saved SplitQ model
