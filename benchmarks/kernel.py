@@ -159,12 +159,16 @@ class KernelCost:
     macs: dict  # unit -> MACs ("bf16", "int8", "tf32x3")
     scratch: int = 0  # of read + write: kernel A's fp32 work buffer
 
-    def time(self, gpu: dict, scratch_in_hbm: bool = True) -> float:
+    def time(self, gpu: dict, scratch_in_hbm: bool = True, bf16_transform: bool = False) -> float:
         """Roofline seconds: ``max(compute, memory)`` (the work buffer counted as HBM traffic,
-        or not: the bound where it stays in L2)."""
+        or not: the bound where it stays in L2). ``bf16_transform``: what if the transform's
+        tf32x3 work ran at the bf16 tensor-core rate instead (a what-if, not the kernels)."""
         compute = 0.0
         for unit, macs in self.macs.items():
-            rate = gpu["tf32"] / 3 if unit == "tf32x3" else gpu[unit]
+            if unit == "tf32x3":
+                rate = gpu["bf16"] if bf16_transform else gpu["tf32"] / 3
+            else:
+                rate = gpu[unit]
             compute += 2 * macs / rate
         moved = self.read + self.write - (0 if scratch_in_hbm else self.scratch)
         return max(compute, moved / gpu["hbm"])
@@ -263,17 +267,20 @@ def print_roofline(sites: list[SiteSpec], tokens) -> None:
     print("\n(c) roofline estimate per decoder layer: sum over kernels of max(compute, memory); "
           "SplitQ with kernel A's work buffer in HBM, and (bound) kept in L2")  # fmt: skip
     print("| GPU | tokens | bf16 us | SplitQ us | of which kernel A us | est. speedup "
-          "| SplitQ us, buffer in L2 | est. speedup, buffer in L2 |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| SplitQ us, buffer in L2 | est. speedup, buffer in L2 "
+          "| what-if: + bf16-rate transform |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for gname, gpu in GPUS.items():
         for n in tokens:
             sq = [c for s in sites for c in site_costs(s, n)]
             t_sq = sum(c.time(gpu) for c in sq)
             t_l2 = sum(c.time(gpu, scratch_in_hbm=False) for c in sq)
+            t_bf_tr = sum(c.time(gpu, scratch_in_hbm=False, bf16_transform=True) for c in sq)
             t_a = sum(c.time(gpu) for c in sq if c.name.endswith(" A"))
             t_bf = sum(c.time(gpu) for s in sites for c in bf16_costs(s, n))
             print(f"| {gname} | {n} | {t_bf * 1e6:.1f} | {t_sq * 1e6:.1f} | {t_a * 1e6:.1f} "
-                  f"| {t_bf / t_sq:.2f}x | {t_l2 * 1e6:.1f} | {t_bf / t_l2:.2f}x |")  # fmt: skip
+                  f"| {t_bf / t_sq:.2f}x | {t_l2 * 1e6:.1f} | {t_bf / t_l2:.2f}x "
+                  f"| {t_bf / t_bf_tr:.2f}x |")  # fmt: skip
     print("(not modelled: launch latency; kernel A's grid is one program per 16 tokens up to 64 "
           "tokens, so at decode a single SM streams the site's branch down-factors; the bf16 "
           "side assumes cuBLAS reaches the same peaks)")  # fmt: skip
