@@ -276,7 +276,9 @@ def _seed_table(setting: str, runs: dict[str, list[dict]], fp_acc: float | None)
     return "\n".join(lines)
 
 
-def _plot(results: dict, path: str) -> None:
+def _plot(runs: dict[str, dict[str, list[dict]]], path: str, fp_acc: float | None = None) -> None:
+    """Bar chart per setting and method: KL(FP || Q) (log scale) and, where the model has
+    answers, accuracy retention; mean over the seeds, the spread as error bars."""
     try:
         import matplotlib
 
@@ -284,19 +286,37 @@ def _plot(results: dict, path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    settings = list(results)
-    methods = list(next(iter(results.values())))
-    fig, ax = plt.subplots(figsize=(1.6 * len(settings) + 3, 3.5))
+    settings = list(runs)
+    methods = list(next(iter(runs.values())))
+    panels = [("kl_all", "KL(FP || quantized), lower is better")]
+    if fp_acc:
+        panels.append(("accuracy", "accuracy retention vs FP (%)"))
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(len(panels) * (1.6 * len(settings) + 3), 3.6), squeeze=False
+    )
     width = 0.8 / len(methods)
-    for i, m in enumerate(methods):
-        vals = [results[s][m]["kl_all"] for s in settings]
-        ax.bar([j + i * width for j in range(len(settings))], vals, width, label=m)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(settings))], settings)
-    ax.set_yscale("log")
-    ax.set_ylabel("KL(FP || quantized), lower is better")
-    ax.legend(fontsize=8)
+    for ax, (key, label) in zip(axes[0], panels):
+        for i, m in enumerate(methods):
+            vals = [
+                torch.tensor([r[key] for r in runs[st][m]], dtype=torch.float64) for st in settings
+            ]
+            if key == "accuracy":
+                vals = [100 * v / fp_acc for v in vals]
+            mean = [float(v.mean()) for v in vals]
+            std = [float(v.std()) if v.numel() > 1 else 0.0 for v in vals]
+            xs = [j + i * width for j in range(len(settings))]
+            ax.bar(xs, mean, width, yerr=std, capsize=2, label=m)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(settings))], settings)
+        ax.set_ylabel(label)
+        if key == "kl_all":
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(0, 110)
+            ax.axhline(100, color="grey", lw=0.8, ls="--")
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -323,7 +343,13 @@ def main(argv: list[str] | None = None) -> dict:
     )  # fmt: skip
     p.add_argument("--tag", default="", help="suffix of the output file names")
     p.add_argument("--out", default="benchmarks/out")
+    p.add_argument("--replot", metavar="JSON", help="redraw the PNG of a saved run and exit")
     args = p.parse_args(argv)
+    if args.replot:
+        with open(args.replot) as f:
+            saved = json.load(f)
+        _plot(saved["runs"], args.replot[: -len(".json")] + ".png", saved.get("fp_accuracy"))
+        return saved["results"]
 
     torch.manual_seed(args.seed)
     bench = load_bench(args.model, args.calib, args.eval, args.seed)
@@ -363,7 +389,7 @@ def main(argv: list[str] | None = None) -> dict:
             f,
             indent=1,
         )
-    _plot(results, os.path.join(args.out, f"fidelity_{tag}.png"))
+    _plot(per_seed, os.path.join(args.out, f"fidelity_{tag}.png"), fp_acc)
     return results
 
 

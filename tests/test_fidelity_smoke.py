@@ -29,3 +29,26 @@ def test_fidelity_benchmark_smoke(tmp_path, monkeypatch):
     assert os.path.exists(os.path.join(out, "fidelity_planted_methods.json"))
     ladder = fidelity.main(["--model", "planted", "--ablation", "ladder", *args])["W4A4"]
     assert list(ladder) == ["base", "+MOCD", "+CWS", "+MAC"]
+
+
+def test_trained_models_are_benchmarks_not_real_model_paths():
+    """The names of the models the benchmark trains itself never reach the real-model
+    evaluation (which would look them up as hub ids)."""
+    assert {"trained", "trained-mm", "trained-mm-wide"} <= set(fidelity.BENCH_MODELS)
+
+
+def test_replot_redraws_a_saved_run(tmp_path):
+    """``--replot`` draws mean and spread from a saved run's per-seed numbers."""
+    import json
+
+    run = {"kl_all": 0.1, "top1_all": 0.9, "accuracy": 0.8}
+    saved = {
+        "fp_accuracy": 0.85,
+        "results": {"W4A4": {"a": run, "b": run}},
+        "runs": {"W4A4": {"a": [run, {**run, "kl_all": 0.2}], "b": [run, run]}},
+    }
+    path = tmp_path / "fidelity_x.json"
+    path.write_text(json.dumps(saved))
+    assert fidelity.main(["--replot", str(path)]) == saved["results"]
+    png = tmp_path / "fidelity_x.png"
+    assert png.exists() and png.stat().st_size > 0
