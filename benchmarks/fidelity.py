@@ -138,6 +138,8 @@ ABLATIONS: dict[str, dict[str, dict]] = {
         "MAC act": dict(mac_input="act"),
     },
     "gates": {"learned gates": {}, "fixed SVD": dict(learn_gates=False)},
+    # the two best selection rules with every other component on
+    "selection_full": {"mocd": {}, "multi_max": dict(channel_selection="multi_max")},
 }
 
 
