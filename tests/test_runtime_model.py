@@ -23,6 +23,9 @@ from splitq_modifier.tiny import (
     synthetic_samples,
 )
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+from op_count import top_level_ops  # noqa: E402  (the benchmark's op counter)
+
 
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
@@ -45,19 +48,6 @@ def quantized(tmp_path_factory):
     return fp, tiny.model, sample, path
 
 
-def _top_level_ops(model, sample) -> dict[str, int]:
-    with (
-        torch.no_grad(),
-        torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof,
-    ):
-        model(**sample)
-    counts: dict[str, int] = {}
-    for e in prof.events():
-        if e.cpu_parent is None:
-            counts[e.name] = counts.get(e.name, 0) + 1
-    return counts
-
-
 def test_transforms_run_inside_the_op(quantized):
     """Outside ``splitq::`` calls, a reloaded quantized model's forward runs at most 1.25x the
     torch ops of the FP forward (the gather, smoothing and Kronecker transforms all happen
@@ -66,7 +56,7 @@ def test_transforms_run_inside_the_op(quantized):
 
     fp, _, sample, path = quantized
     q = AutoModelForImageTextToText.from_pretrained(str(path))
-    ref, got = _top_level_ops(fp, sample), _top_level_ops(q, sample)
+    ref, got = top_level_ops(fp, sample), top_level_ops(q, sample)
     outside = sum(n for k, n in got.items() if not k.startswith("splitq::"))
     assert got.get("splitq::site_linear") == 4 * 2
     assert outside <= 1.25 * sum(ref.values()), (outside, sum(ref.values()))

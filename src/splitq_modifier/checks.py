@@ -138,25 +138,26 @@ class CalibrationGuard:
         self._mark(idx, f"the input of {layer}", x, why, detail)
         return False
 
-    def site_input_ok(self, idx: int, site: str, x: torch.Tensor) -> bool:
-        """Check the input of an activation site (its first linear's input)."""
+    def _finite_ok(self, idx: int, where: str, t: torch.Tensor, detail: str) -> bool:
+        """False (and the batch marked) if ``t`` has non-finite values or the batch already
+        failed an earlier check."""
         if idx in self.bad:
             return False
-        why = nonfinite_summary(x)
+        why = nonfinite_summary(t)
         if why is None:
             return True
-        self._mark(idx, f"the input of {site}", x, why, " although the layer's input is finite")
+        self._mark(idx, where, t, why, detail)
         return False
+
+    def site_input_ok(self, idx: int, site: str, x: torch.Tensor) -> bool:
+        """Check the input of an activation site (its first linear's input)."""
+        return self._finite_ok(
+            idx, f"the input of {site}", x, " although the layer's input is finite"
+        )
 
     def layer_output_ok(self, idx: int, layer: str, y: torch.Tensor) -> bool:
         """Check a decoder layer's FP output (the training target)."""
-        if idx in self.bad:
-            return False
-        why = nonfinite_summary(y)
-        if why is None:
-            return True
-        self._mark(idx, f"the output of {layer}", y, why, " although its input is finite")
-        return False
+        return self._finite_ok(idx, f"the output of {layer}", y, " although its input is finite")
 
     def require_samples(self, layer: str, kept: int, model: nn.Module | None = None) -> None:
         """Stop when a layer has no finite calibration batch left (naming the model's first
