@@ -36,7 +36,12 @@ def worker(args: argparse.Namespace) -> None:
     from llmcompressor import oneshot
 
     from splitq_modifier import SplitQModifier
-    from splitq_modifier.tiny import build_tiny_vlm, calibration_dataset, collate, synthetic_samples
+    from splitq_modifier.testing.tiny import (
+        build_tiny_vlm,
+        calibration_dataset,
+        collate,
+        synthetic_samples,
+    )
 
     rank = dist.get_rank()
     path = os.path.join(args.root, "fp")

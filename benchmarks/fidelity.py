@@ -37,7 +37,7 @@ from llmcompressor import oneshot
 
 import splitq_modifier  # noqa: F401
 from splitq_modifier import SplitQModifier
-from splitq_modifier.tiny import (
+from splitq_modifier.testing.tiny import (
     build_tiny_vlm,
     calibration_dataset,
     clone_model,

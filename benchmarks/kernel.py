@@ -48,14 +48,15 @@ if not HAS_GPU:  # the kernels run under Triton's interpreter: set before they a
 
 from splitq_modifier.acc import branch_rank  # noqa: E402
 from splitq_modifier.layout import plan_site  # noqa: E402
-from splitq_modifier.runtime import (  # noqa: E402
+from splitq_modifier.runtime import (  # noqa: E402  # noqa: E402
     SiteParams,
     build_site_params,
+    flatten_factor_dims,
     packed_words,
     quantize_per_token,
     site_linear,
+    split_factors,
 )
-from splitq_modifier.runtime.reference import flatten_factor_dims, split_factors  # noqa: E402
 from splitq_modifier.widths import REAL_MODELS, ModelWidths, site_widths  # noqa: E402
 
 TOKENS = (1, 16, 256, 2048, 8192)
@@ -464,7 +465,7 @@ def print_precision(sites: list[SiteSpec], n: int = 256) -> None:
         x = torch.randn(n, s.d, generator=gen) * (torch.rand(s.d, generator=gen) * 3 + 0.2)
         x[:, torch.randperm(s.d, generator=gen)[: max(1, s.d // 100)]] *= 20
         xs = (x[:, p.perm.long()] * p.smooth).split(list(s.sizes), 1)
-        mats = split_factors(p.factors, flatten_factor_dims(s.dims))
+        mats = split_factors(p.factors, s.dims)
         exact = torch.cat([_kron(a.double(), [m.double() for m in ms], lambda t: t)
                            for a, ms in zip(xs, mats)], 1).float()  # fmt: skip
         f32 = torch.cat([_kron(a, ms, lambda t: t) for a, ms in zip(xs, mats)], 1)

@@ -20,7 +20,7 @@ from transformers import AutoModelForImageTextToText
 
 import splitq_modifier  # noqa: F401
 from splitq_modifier import SplitQModifier
-from splitq_modifier.tiny import (
+from splitq_modifier.testing.tiny import (
     build_tiny_vlm,
     calibration_dataset,
     clone_model,

@@ -56,7 +56,7 @@ def _worker(args: argparse.Namespace) -> None:
     from llmcompressor import oneshot
 
     from splitq_modifier import SplitQModifier
-    from splitq_modifier.tiny import (
+    from splitq_modifier.testing.tiny import (
         build_tiny_vlm,
         calibration_dataset,
         collate,

@@ -23,7 +23,7 @@ import yaml
 from llmcompressor import oneshot
 
 import splitq_modifier  # noqa: F401  (registers SplitQModifier for YAML recipes)
-from splitq_modifier.tiny import (
+from splitq_modifier.testing.tiny import (
     ARCH_CHOICES,
     build_tiny_vlm,
     calibration_dataset,

@@ -105,7 +105,7 @@ def real_site(model: str, site: str) -> dict:
     and MAC rank 3 % of each linear's full rank)."""
     from splitq_modifier.acc import branch_rank
     from splitq_modifier.layout import plan_site
-    from splitq_modifier.runtime.reference import flatten_factor_dims
+    from splitq_modifier.runtime import flatten_factor_dims
     from splitq_modifier.widths import REAL_MODELS, site_widths
 
     d, outs = site_widths(REAL_MODELS[model])[site]

@@ -32,13 +32,17 @@ int8 with ``sh``/``sg`` (N, M) fp32; ``L1``/``L3`` packed (D, words(max rank)).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
 
 from .common import interpreting, load_packed_rows, pow2_at_least
-from .site_quant import _ptr, rank_pad, segments
+from .site_quant import _ptr, branch_args, rank_pad, segments
+
+if TYPE_CHECKING:
+    from splitq_modifier.runtime.params import SiteParams
 
 
 @triton.jit
@@ -239,34 +243,26 @@ def site_gemm_constexprs(
 
 def site_gemm_triton(
     acts: dict[str, torch.Tensor | None],
-    w_v: torch.Tensor,
-    w_t: torch.Tensor,
-    w_m: torch.Tensor,
-    ws_v: torch.Tensor,
-    ws_t: torch.Tensor,
-    ws_m: torch.Tensor,
-    l1: torch.Tensor | None,
-    l1_scale: torch.Tensor | None,
-    l3: torch.Tensor | None,
-    l3_scale: torch.Tensor | None,
+    p: SiteParams,
     text_mask: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    sizes: Sequence[int],
-    out_splits: Sequence[int],
-    cws_ranks: Sequence[int],
-    mac_ranks: Sequence[int],
-    a_bits: Sequence[int],
-    w_bits: Sequence[int],
-    branch_bits: Sequence[int],
     out_dtype: torch.dtype | None,
 ) -> torch.Tensor:
     """Launch :func:`site_gemm_kernel`; same arguments as ``site_gemm_reference``.
 
     ``acts`` holds ``qx``, ``sx`` and, with the branches, ``hq``/``sh`` and ``gq``/``sg`` (from
     :func:`site_quantize_triton` or the reference). ``out_dtype`` None = fp32 (the dtype of
-    ``acts["xt"]``, as in the reference). ``a_bits`` must be quantized (< 16).
+    ``acts["xt"]``, as in the reference). Activations must be quantized.
     """
-    del a_bits  # activation bits only matter to stage 2
+    sizes, out_splits = p.sizes, p.out_splits
+    cws_ranks, mac_ranks, branch_bits = branch_args(p)
+    w_v, w_t, w_m = p.w_packed
+    ws_v, ws_t, ws_m = p.w_scale
+    l1 = l1_scale = l3 = l3_scale = None
+    if p.cws is not None:
+        l1, l1_scale = p.cws.up, p.cws.up_scale
+    if p.mac is not None:
+        l3, l3_scale = p.mac.up, p.mac.up_scale
+    bias, w_bits = p.bias, p.w_bits
     qx, sx = acts["qx"], acts["sx"]
     n = qx.shape[0]
     d_out = int(sum(int(k) for k in out_splits))

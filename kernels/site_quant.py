@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import triton
@@ -57,6 +58,11 @@ from .common import (
     segment_quantize,
     token_scale,
 )
+
+if TYPE_CHECKING:  # no import at run time: kernels/ must not import the package (it is also
+    # importable as a top-level ``kernels`` from the repository root, where transformers
+    # probes for the Hugging Face ``kernels`` package)
+    from splitq_modifier.runtime.params import SiteParams
 
 #: ``tl.dot`` input precision of the fp32 transform on a GPU. "tf32x3" (three TF32 tensor-core
 #: products, error ~ fp32's) rather than "ieee" or "tf32":
@@ -550,23 +556,24 @@ def _ptr(t: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
     return fallback if t is None or t.numel() == 0 else t
 
 
+def branch_args(p: SiteParams) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """``(cws_ranks, mac_ranks, branch_bits)`` of a site as the constexpr builders take them
+    (an absent branch has no ranks; its bits are unused placeholders)."""
+    cws, mac = p.cws, p.mac
+    bits = (
+        4 if cws is None else int(cws.w_bits),
+        4 if cws is None else int(cws.act_bits),
+        4 if mac is None else int(mac.w_bits),
+        4 if mac is None else int(mac.act_bits),
+    )
+    cws_ranks = () if cws is None else tuple(cws.ranks)
+    mac_ranks = () if mac is None else tuple(mac.ranks)
+    return cws_ranks, mac_ranks, bits
+
+
 def site_quantize_triton(
     x: torch.Tensor,
-    perm: torch.Tensor,
-    smooth: torch.Tensor,
-    factors: torch.Tensor,
-    act_clip: torch.Tensor,
-    l2: torch.Tensor | None,
-    l2_scale: torch.Tensor | None,
-    l4: torch.Tensor | None,
-    l4_scale: torch.Tensor | None,
-    sizes: Sequence[int],
-    factor_dims: Sequence[int],
-    cws_ranks: Sequence[int],
-    mac_ranks: Sequence[int],
-    a_bits: Sequence[int],
-    branch_bits: Sequence[int],
-    mac_input: int,
+    p: SiteParams,
     store_uq: bool = False,
     precision: str | None = None,
 ) -> dict[str, torch.Tensor | None]:
@@ -574,11 +581,7 @@ def site_quantize_triton(
 
     Args:
         x: (N, d) fp32/bf16/fp16 input, original channel order.
-        perm, smooth, factors, act_clip: the site's transform (see
-            ``splitq_modifier.runtime.reference``).
-        l2, l2_scale / l4, l4_scale: packed CWS / MAC down factors and scales, or None.
-        sizes, factor_dims, cws_ranks, mac_ranks, a_bits, branch_bits, mac_input: the op's
-            integer arguments.
+        p: the site's parameters (activations must be quantized).
         store_uq: also return the MAC input codes ``uq`` (tests; costs N x km bytes).
         precision: ``tl.dot`` input precision of the transform (default
             :data:`TRANSFORM_PRECISION`).
@@ -588,6 +591,16 @@ def site_quantize_triton(
         unless ``store_uq``), ``su``, ``gq``, ``sg`` and ``xt`` (the fp32 transformed input).
         Allocations depend on shapes only (CUDA-graph capturable); no host sync.
     """
+    sizes = p.sizes
+    factor_dims = [n for path in p.dims for n in (*path, 0, 0, 0)[:3]]
+    cws_ranks, mac_ranks, branch_bits = branch_args(p)
+    l2 = l2_scale = l4 = l4_scale = None
+    if p.cws is not None:
+        l2, l2_scale = p.cws.down, p.cws.down_scale
+    if p.mac is not None:
+        l4, l4_scale = p.mac.down, p.mac.down_scale
+    perm, smooth, factors, act_clip = p.perm, p.smooth, p.factors, p.act_clip
+    a_bits, mac_input = p.a_bits, p.mac_input
     kv, kt, km = (int(k) for k in sizes)
     n, d = x.shape
     if d != kv + kt + km:

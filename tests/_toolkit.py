@@ -47,7 +47,7 @@ def image_token_count(rows, token_id: int) -> int:
 
 def held_out_inputs(processor, family, seed: int = 99) -> dict:
     """Processor inputs (tensors) of one held-out image-text sample."""
-    from splitq_modifier.families import caption_images
+    from splitq_modifier.testing.families import caption_images
     from splitq_modifier.toolkit import DEFAULT_PROMPT
 
     image, caption = caption_images(1, family.image_sizes[-1:], seed=seed)[0]
@@ -71,7 +71,7 @@ _RELOAD = textwrap.dedent(
     """
     import json, sys, torch
     import splitq_modifier
-    from splitq_modifier.families import register_offline_processors
+    from splitq_modifier.testing.families import register_offline_processors
     from splitq_modifier.runtime import SplitQSiteLinear
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -124,7 +124,7 @@ def calibrate_family(family: str, root, layers: int = 1, n_images: int = 2, **sp
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from splitq_modifier import SplitQModifier
-    from splitq_modifier.families import build_tiny_family, write_image_folder
+    from splitq_modifier.testing.families import build_tiny_family, write_image_folder
     from splitq_modifier.toolkit import (
         build_calibration_set,
         collate_one,

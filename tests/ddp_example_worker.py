@@ -21,7 +21,7 @@ def main(root: str) -> None:
     spec.loader.exec_module(example)
     rank, world = example.init_distributed()
 
-    from splitq_modifier.families import (
+    from splitq_modifier.testing.families import (
         build_tiny_family,
         register_offline_processors,
         write_image_folder,

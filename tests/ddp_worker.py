@@ -20,7 +20,12 @@ def main(root: str, epochs: int) -> None:
 
     import splitq_modifier  # noqa: F401
     from splitq_modifier import SplitQModifier
-    from splitq_modifier.tiny import build_tiny_vlm, calibration_dataset, collate, synthetic_samples
+    from splitq_modifier.testing.tiny import (
+        build_tiny_vlm,
+        calibration_dataset,
+        collate,
+        synthetic_samples,
+    )
 
     rank = dist.get_rank()
     tiny = build_tiny_vlm("llava", hidden=64, layers=2, path=f"{root}/fp")

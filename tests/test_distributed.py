@@ -17,7 +17,7 @@ from llmcompressor import oneshot
 
 from splitq_modifier import SplitQModifier
 from splitq_modifier.runtime import SplitQSiteLinear
-from splitq_modifier.tiny import (
+from splitq_modifier.testing.tiny import (
     build_tiny_vlm,
     calibration_dataset,
     clone_model,

@@ -24,14 +24,14 @@ from transformers import AutoProcessor
 
 import splitq_modifier  # noqa: F401
 from splitq_modifier.arch import get_arch, is_decoder_layer
-from splitq_modifier.families import (
+from splitq_modifier.runtime import SplitQSiteLinear
+from splitq_modifier.testing.families import (
     FAMILIES,
     build_tiny_family,
     register_offline_processors,
     train_tokenizer,
     write_image_folder,
 )
-from splitq_modifier.runtime import SplitQSiteLinear
 from splitq_modifier.toolkit import (
     build_calibration_set,
     load_image_text_dataset,
@@ -182,7 +182,7 @@ def qa_folder(runs, tmp_path_factory) -> str:
     from PIL import Image
 
     from splitq_modifier.evaluate import answer_accuracy, make_samples
-    from splitq_modifier.families import caption_images
+    from splitq_modifier.testing.families import caption_images
 
     r = runs["qwen2_5_vl"]
     root = tmp_path_factory.mktemp("qa")

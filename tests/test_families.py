@@ -19,8 +19,8 @@ from _toolkit import REL_TOL, calibrate_family, one_torch_thread, reload_fresh  
 
 import splitq_modifier  # noqa: F401
 from splitq_modifier.arch import ARCHITECTURES, get_arch, is_decoder_layer
-from splitq_modifier.families import FAMILIES, register_offline_processors
 from splitq_modifier.runtime import SplitQSiteLinear
+from splitq_modifier.testing.families import FAMILIES, register_offline_processors
 
 #: family -> (LM decoder-layer class, tiny LM layers)
 CASES = {

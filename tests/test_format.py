@@ -43,7 +43,12 @@ from splitq_modifier.format import (
 )
 from splitq_modifier.runtime import ModalityContext, SplitQSiteLinear
 from splitq_modifier.split_linear import ChannelSplit, SplitQLinear, SplitSite, freeze_site
-from splitq_modifier.tiny import build_tiny_vlm, calibration_dataset, collate, synthetic_samples
+from splitq_modifier.testing.tiny import (
+    build_tiny_vlm,
+    calibration_dataset,
+    collate,
+    synthetic_samples,
+)
 
 #: name -> (arch, weight bits, activation bits, CWS/MAC on, lm_head scheme or None)
 CASES = {

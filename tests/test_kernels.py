@@ -126,42 +126,13 @@ def make_mask(kind: str | None, n: int) -> torch.Tensor | None:
     return torch.rand(n, generator=torch.Generator().manual_seed(5)) > 0.5
 
 
-def quant_args(p: SiteParams) -> tuple:
-    """Arguments of site_quantize_triton after x."""
-    sizes, fd, _, cr, mr, ab, _, bb, mi = p.int_args()
-    c, m = p.cws, p.mac
-    return (
-        p.perm, p.smooth, p.factors, p.act_clip,
-        None if c is None else c.down, None if c is None else c.down_scale,
-        None if m is None else m.down, None if m is None else m.down_scale,
-        sizes, fd, cr, mr, ab, bb, mi,
-    )  # fmt: skip
-
-
 def ref_quantize(p: SiteParams, xt: torch.Tensor) -> dict:
-    sizes, _, _, cr, mr, ab, _, bb, mi = p.int_args()
-    c, m = p.cws, p.mac
-    return site_quantize_reference(
-        xt, p.act_clip, None if c is None else c.down, None if c is None else c.down_scale,
-        None if m is None else m.down, None if m is None else m.down_scale, sizes, cr, mr, ab,
-        bb, mi,
-    )  # fmt: skip
-
-
-def gemm_args(p: SiteParams, mask, out_dtype) -> tuple:
-    """Arguments of site_gemm_{triton,reference} after acts."""
-    sizes, _, outs, cr, mr, ab, wb, bb, _ = p.int_args()
-    c, m = p.cws, p.mac
-    return (
-        *p.w_packed, *p.w_scale,
-        None if c is None else c.up, None if c is None else c.up_scale,
-        None if m is None else m.up, None if m is None else m.up_scale,
-        mask, p.bias, sizes, outs, cr, mr, ab, wb, bb, out_dtype,
-    )  # fmt: skip
+    return site_quantize_reference(xt, p)
 
 
 def op_args(p: SiteParams, x, mask, out_dtype=None) -> tuple:
-    return (x, *p.op_args(), mask, p.bias, *p.int_args(), out_dtype)
+    """Arguments of site_linear_{triton,reference}."""
+    return (x, p, mask, out_dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,11 +262,10 @@ CODE_STATS: list = []
 def test_site_quantize(case) -> None:
     p, dtype = _case_site(case)
     x = make_x(N_TOKENS, p.d_in, dtype)
-    got = site_quantize_triton(x, *quant_args(p), store_uq=True)
-    sizes, fd = p.int_args()[:2]
+    got = site_quantize_triton(x, p, store_uq=True)
 
     # (1) transform: fp32 within a few ulps of each token's largest value
-    xt_ref = site_transform_reference(x, p.perm, p.smooth, p.factors, sizes, fd)
+    xt_ref = site_transform_reference(x, p)
     tol = 1e-5 * xt_ref.abs().amax(dim=1, keepdim=True) + 1e-30
     assert got["xt"].dtype == torch.float32
     assert ((got["xt"] - xt_ref).abs() <= tol).all()
@@ -338,8 +308,8 @@ def test_site_quantize_small_tiles(cfg, monkeypatch) -> None:
     p = make_site((20,), (24, 0, 120), ((24,), (), (2, 3, 20)), (4, 4, 4), (4, 4, 8), (3,),
                   (4,), seed=4)  # fmt: skip
     x = make_x(N_TOKENS, p.d_in, torch.float32)
-    got = sq.site_quantize_triton(x, *quant_args(p), store_uq=True)
-    xt_ref = site_transform_reference(x, p.perm, p.smooth, p.factors, *p.int_args()[:2])
+    got = sq.site_quantize_triton(x, p, store_uq=True)
+    xt_ref = site_transform_reference(x, p)
     assert ((got["xt"] - xt_ref).abs() <= 1e-5 * xt_ref.abs().amax(1, keepdim=True)).all()
     want = ref_quantize(p, got["xt"])
     for key in ("qx", "sx", "hq", "sh", "uq", "su", "gq", "sg"):
@@ -357,8 +327,8 @@ def test_code_agreement() -> None:
         for a_bits in ((4, 4, 4), (8, 8, 8), (4, 4, 2)):
             p = make_site((48,), sizes, dims, (4, 4, 4), a_bits, (6,), (8,), seed=3)
             x = make_x(128, p.d_in, torch.bfloat16, seed=9)
-            got = site_quantize_triton(x, *quant_args(p))
-            xt_ref = site_transform_reference(x, p.perm, p.smooth, p.factors, *p.int_args()[:2])
+            got = site_quantize_triton(x, p)
+            xt_ref = site_transform_reference(x, p)
             full = ref_quantize(p, xt_ref)
             for key in ("qx", "hq", "gq"):
                 _check_codes_close(got[key], full[key], f"{key} a_bits={a_bits}", stats)
@@ -371,10 +341,10 @@ def test_code_agreement() -> None:
 def test_site_quantize_empty_and_decode() -> None:
     p, _ = _case_site(QUANT_CASES[0])
     x = make_x(1, p.d_in, torch.float32)
-    got = site_quantize_triton(x, *quant_args(p))
+    got = site_quantize_triton(x, p)
     want = ref_quantize(p, got["xt"])
     assert torch.equal(got["qx"], want["qx"]) and torch.equal(got["gq"], want["gq"])
-    empty = site_quantize_triton(x[:0], *quant_args(p))
+    empty = site_quantize_triton(x[:0], p)
     assert empty["qx"].shape == (0, p.d_in) and empty["sh"].shape == (0, 2)
 
 
@@ -397,11 +367,11 @@ def test_site_gemm(gcase) -> None:
     idx, w_bits, mask_kind, with_bias, out_dtype = gcase
     p, dtype = _case_site(QUANT_CASES[idx], with_bias, w_bits, seed=idx + 10)
     x = make_x(N_TOKENS, p.d_in, dtype)
-    xt = site_transform_reference(x, p.perm, p.smooth, p.factors, *p.int_args()[:2])
+    xt = site_transform_reference(x, p)
     acts = ref_quantize(p, xt)
     mask = make_mask(mask_kind, N_TOKENS)
-    y = site_gemm_triton(acts, *gemm_args(p, mask, out_dtype))
-    ref = site_gemm_reference(acts, *gemm_args(p, mask, out_dtype))
+    y = site_gemm_triton(acts, p, mask, out_dtype)
+    ref = site_gemm_reference(acts, p, mask, out_dtype)
     assert y.dtype == out_dtype and y.shape == (N_TOKENS, p.d_out)
     tol = OUT_TOL[out_dtype]
     torch.testing.assert_close(y, ref, rtol=tol, atol=tol * ref.float().abs().max().item())
@@ -419,11 +389,11 @@ def test_site_gemm_gpu_configs(row, monkeypatch) -> None:
     p = make_site((70, 33, 33), (8, 8, 300), ((8,), (8,), (15, 20)), (4, 3, 2), (4, 4, 4),
                   (5, 2, 3), (6, 3, 1), bias=True, seed=8)  # fmt: skip
     x = make_x(N_TOKENS, p.d_in, torch.bfloat16)
-    xt = site_transform_reference(x, p.perm, p.smooth, p.factors, *p.int_args()[:2])
+    xt = site_transform_reference(x, p)
     acts = ref_quantize(p, xt)
     mask = make_mask("mixed", N_TOKENS)
-    y = sg.site_gemm_triton(acts, *gemm_args(p, mask, torch.float32))
-    ref = site_gemm_reference(acts, *gemm_args(p, mask, torch.float32))
+    y = sg.site_gemm_triton(acts, p, mask, torch.float32)
+    ref = site_gemm_reference(acts, p, mask, torch.float32)
     torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
 
 
@@ -468,8 +438,8 @@ def test_site_linear(ocase) -> None:
     assert y.dtype == want_dtype and y.shape == (N_TOKENS, p.d_out)
 
     # Exactly the reference GEMM of the kernel's own codes ...
-    acts = site_quantize_triton(x, *quant_args(p))
-    own = site_gemm_reference(acts, *gemm_args(p, mask, want_dtype))
+    acts = site_quantize_triton(x, p)
+    own = site_gemm_reference(acts, p, mask, want_dtype)
     tol = OUT_TOL[want_dtype]
     scale = own.float().abs().max().item()
     torch.testing.assert_close(y, own, rtol=tol, atol=tol * scale)
@@ -501,15 +471,15 @@ def test_op_dispatch_interpreter(monkeypatch) -> None:
     monkeypatch.setattr(kernels, "site_linear_triton", spy)
     monkeypatch.setenv("SPLITQ_TRITON_INTERPRET", "1")
     y = site_linear(x, p, mask)
-    assert calls == [31]
+    assert calls == [4]
     torch.testing.assert_close(y, real(*op_args(p, x, mask)), rtol=0, atol=0)
     p.a_bits = (16, 16, 16)
     site_linear(x, p, mask)
-    assert calls == [31]  # weight-only: the reference
+    assert calls == [4]  # weight-only: the reference
     monkeypatch.setenv("SPLITQ_TRITON_INTERPRET", "0")
     p.a_bits = (4, 4, 4)
     site_linear(x, p, mask)
-    assert calls == [31]
+    assert calls == [4]
 
 
 def test_site_linear_decode_and_empty() -> None:
@@ -517,8 +487,8 @@ def test_site_linear_decode_and_empty() -> None:
     p, _ = _case_site(QUANT_CASES[2], bias=True)
     x = make_x(1, p.d_in, torch.bfloat16)
     y = site_linear_triton(*op_args(p, x, None))
-    acts = site_quantize_triton(x, *quant_args(p))
-    own = site_gemm_reference(acts, *gemm_args(p, None, torch.bfloat16))
+    acts = site_quantize_triton(x, p)
+    own = site_gemm_reference(acts, p, None, torch.bfloat16)
     torch.testing.assert_close(y, own, rtol=1.6e-2, atol=1.6e-2 * own.float().abs().max().item())
     empty = site_linear_triton(*op_args(p, x[:0], None))
     assert empty.shape == (0, p.d_out) and empty.dtype == torch.bfloat16
@@ -561,8 +531,9 @@ def test_compile_sm90() -> None:
 _GPU_SCRIPT = r"""
 import torch
 from splitq_modifier.kernels import site_linear_triton, site_quantize_triton
-from splitq_modifier.runtime import random_site_params, site_linear_reference
+from splitq_modifier.runtime import site_linear_reference
 from splitq_modifier.runtime import site_transform_reference, site_quantize_reference
+from splitq_modifier.testing.sites import random_site_params
 for n, dtype, outs, sizes, dims in (
     (1, torch.bfloat16, (3584, 512, 512), (64, 64, 3456), ((64,), (64,), (54, 64))),
     (37, torch.float16, (3584,), (416, 384, 18144), ((16, 26), (16, 24), (24, 27, 28))),
@@ -572,19 +543,13 @@ for n, dtype, outs, sizes, dims in (
                            device="cuda")
     x = (torch.randn(n, sum(sizes), device="cuda") * 3).to(dtype)
     mask = torch.rand(n, device="cuda") > 0.5
-    args = (x, *p.op_args(), mask, p.bias, *p.int_args(), None)
-    y = site_linear_triton(*args)
-    ref = site_linear_reference(*args)
+    y = site_linear_triton(x, p, mask)
+    ref = site_linear_reference(x, p, mask)
     err = ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
     assert err < 5e-2, (n, dtype, err)
-    sz, fd = p.int_args()[:2]
-    xt = site_transform_reference(x, p.perm, p.smooth, p.factors, sz, fd)
-    got = site_quantize_triton(x, *p.op_args()[:4], p.cws.down, p.cws.down_scale,
-                               p.mac.down, p.mac.down_scale, sz, fd, *p.int_args()[3:6],
-                               p.int_args()[7], p.int_args()[8])
-    want = site_quantize_reference(xt, p.act_clip, p.cws.down, p.cws.down_scale, p.mac.down,
-                                   p.mac.down_scale, sz, *p.int_args()[3:6], p.int_args()[7],
-                                   p.int_args()[8])
+    xt = site_transform_reference(x, p)
+    got = site_quantize_triton(x, p)
+    want = site_quantize_reference(xt, p)
     d = (got["qx"].int() - want["qx"].int()).abs()
     assert d.max() <= 1 and (d != 0).float().mean() <= 1e-3, (n, (d != 0).float().mean())
     print(n, "mismatch", (d != 0).float().mean().item(), "rel err", err)

@@ -10,7 +10,7 @@ import splitq_modifier  # noqa: F401  (registers the modifier)
 from splitq_modifier import SplitQModifier
 from splitq_modifier.mocd import jaccard
 from splitq_modifier.runtime import SplitQSiteLinear
-from splitq_modifier.tiny import (
+from splitq_modifier.testing.tiny import (
     build_tiny_vlm,
     calibration_dataset,
     clone_model,

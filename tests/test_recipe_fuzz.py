@@ -30,7 +30,12 @@ import splitq_modifier  # noqa: F401  (registers the modifier)
 from splitq_modifier import SplitQModifier
 from splitq_modifier.mocd import SELECTION_RULES
 from splitq_modifier.runtime import SplitQSiteLinear
-from splitq_modifier.tiny import build_tiny_vlm, calibration_dataset, collate, synthetic_samples
+from splitq_modifier.testing.tiny import (
+    build_tiny_vlm,
+    calibration_dataset,
+    collate,
+    synthetic_samples,
+)
 
 PARSE_EXAMPLES = int(os.environ.get("SPLITQ_FUZZ_EXAMPLES", "120"))
 RUN_EXAMPLES = int(os.environ.get("SPLITQ_FUZZ_RUNS", "2"))

@@ -18,7 +18,12 @@ from safetensors.torch import load_file
 import splitq_modifier  # noqa: F401
 from splitq_modifier import SplitQModifier
 from splitq_modifier import report as report_mod
-from splitq_modifier.tiny import build_tiny_vlm, calibration_dataset, collate, synthetic_samples
+from splitq_modifier.testing.tiny import (
+    build_tiny_vlm,
+    calibration_dataset,
+    collate,
+    synthetic_samples,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

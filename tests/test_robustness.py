@@ -41,7 +41,12 @@ from splitq_modifier.format import (
     encode_quantization_config,
 )
 from splitq_modifier.runtime import SplitQSiteLinear
-from splitq_modifier.tiny import build_tiny_vlm, calibration_dataset, collate, synthetic_samples
+from splitq_modifier.testing.tiny import (
+    build_tiny_vlm,
+    calibration_dataset,
+    collate,
+    synthetic_samples,
+)
 
 LAYER = "model.language_model.layers.0"
 
@@ -323,7 +328,7 @@ def test_diverged_training_falls_back_to_the_initial_transforms(tmp_path, monkey
 
 
 def test_frozen_site_check_names_module_and_tensor():
-    from splitq_modifier.runtime.ops import random_site_params
+    from splitq_modifier.testing.sites import random_site_params
 
     params = random_site_params(out_splits=(16, 8), sizes=(2, 2, 28), cws_rank=2, mac_rank=2)
     owner, _ = SplitQSiteLinear.from_params(params)

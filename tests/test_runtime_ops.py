@@ -23,10 +23,10 @@ from splitq_modifier.runtime import (
     pack_path_weight,
     packed_words,
     quantize_weight_per_channel,
-    random_site_params,
     site_linear,
     unpack_path_weight,
 )
+from splitq_modifier.testing.sites import random_site_params
 
 RTOL = 1e-5
 ATOL_REL = 1e-5
@@ -54,6 +54,30 @@ def test_pack_roundtrip(bits: int, k: int) -> None:
     assert torch.equal(unpack_path_weight(packed, bits, k), q)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+def test_packing_is_compressed_tensors_019_layout(bits: int) -> None:
+    """The runtime owns its packing (0.17 packs 3-bit codes differently); the bit layout is
+    the one compressed-tensors 0.19's packer writes, which older checkpoints hold."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    g = torch.Generator().manual_seed(bits)
+    for k in (1, 10, 11, 32, 96, 101):
+        q = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (5, k), generator=g)
+        q = q.to(torch.int8)
+        assert torch.equal(pack_path_weight(q, bits), pack_to_int32(q, bits, packed_dim=1))
+
+
+def test_weight_rounding_is_compressed_tensors_quantize() -> None:
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import quantize
+
+    w = torch.randn(9, 50) * torch.linspace(0.1, 3, 50)
+    for bits in (2, 3, 4, 8):
+        q, s = quantize_weight_per_channel(w, bits)
+        args = QuantizationArgs(num_bits=bits, symmetric=True, strategy="channel", type="int")
+        assert torch.equal(q, quantize(w, s[:, None], None, args, dtype=torch.int8))
+
+
 def test_quantize_weight_per_channel_formula() -> None:
     w = torch.randn(5, 40)
     clip = torch.tensor([1.0, 0.9, 0.5, 0.75, 1.0])
@@ -64,6 +88,26 @@ def test_quantize_weight_per_channel_formula() -> None:
     # All-zero rows get the 1e-8 floor, not a division by zero.
     q0, s0 = quantize_weight_per_channel(torch.zeros(2, 8), 4)
     assert torch.all(s0 > 0) and torch.all(q0 == 0)
+
+
+def test_op_encoding_round_trips() -> None:
+    """SiteParams -> (tensors, meta) -> SiteParams is the identity, branches and bias
+    present or absent, ranks differing per linear."""
+    for r1, r2, bias in ((0, 0, False), ((2, 5), 0, True), (0, (4, 1), False), (3, 4, True)):
+        p = random_site_params((16, 8), (4, 4, 40), ((4,), (2, 2), (5, 8)), (4, 3, 2),
+                               (8, 4, 4), r1, r2, 1, bias=bias)  # fmt: skip
+        tensors, meta = p.to_op()
+        q = SiteParams.from_op(tensors, meta)
+        assert q.to_op()[1] == meta
+        assert all(a is b for a, b in zip(q.tensors(), tensors))
+        for f in ("sizes", "dims", "out_splits", "w_bits", "a_bits", "mac_input"):
+            assert getattr(q, f) == getattr(p, f), f
+        for a, b in ((p.cws, q.cws), (p.mac, q.mac)):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert (a.ranks, a.w_bits, a.act_bits) == (b.ranks, b.w_bits, b.act_bits)
+    with pytest.raises(ValueError, match="meta version"):
+        SiteParams.from_op(tensors, [99, *meta[1:]])
 
 
 def test_validate_rejects_bad_shapes() -> None:
@@ -153,7 +197,8 @@ def test_half_inputs_and_leading_dims(dtype: torch.dtype) -> None:
 # The op: opcheck, torch.compile
 # --------------------------------------------------------------------------------------------
 def _op_args(p: SiteParams, x, mask, out_dtype=None) -> tuple:
-    return (x, *p.op_args(), mask, p.bias, *p.int_args(), out_dtype)
+    tensors, meta = p.to_op()
+    return (x, tensors, mask, meta, out_dtype)
 
 
 @pytest.mark.parametrize(

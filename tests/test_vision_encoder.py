@@ -17,8 +17,8 @@ from _toolkit import REL_TOL, calibrate_family, one_torch_thread, reload_fresh  
 import splitq_modifier  # noqa: F401
 from splitq_modifier import SplitQModifier
 from splitq_modifier.arch import get_arch, is_vision_layer
-from splitq_modifier.families import register_offline_processors
 from splitq_modifier.runtime import SplitQSiteLinear
+from splitq_modifier.testing.families import register_offline_processors
 from splitq_modifier.toolkit import vision_ignore_patterns
 
 FAMILIES = ("qwen2_5_vl", "llava")

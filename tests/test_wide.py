@@ -14,7 +14,12 @@ from benchmarks.size_report import checkpoint_report
 from splitq_modifier import SplitQModifier
 from splitq_modifier.layout import plan_site
 from splitq_modifier.runtime import SplitQSiteLinear
-from splitq_modifier.tiny import build_tiny_vlm, calibration_dataset, collate, synthetic_samples
+from splitq_modifier.testing.tiny import (
+    build_tiny_vlm,
+    calibration_dataset,
+    collate,
+    synthetic_samples,
+)
 
 _RELOAD = textwrap.dedent(
     """

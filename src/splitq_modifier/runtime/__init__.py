@@ -2,8 +2,14 @@
 
 ``import splitq_modifier.runtime`` registers the ``splitq::site_linear`` torch op and, with
 :mod:`splitq_modifier.format`, is all that loading a ``splitq-packed`` checkpoint needs:
-llm-compressor and the calibration code are not imported (``import splitq_modifier`` imports
-them too, and registers the modifier).
+llm-compressor, compressed-tensors and the calibration code are not imported (``import
+splitq_modifier`` imports them too, and registers the modifier).
+
+- :mod:`.params`: :class:`SiteParams`, the one object describing a site;
+- :mod:`.quant`: integer quantization and the format's bit packing;
+- :mod:`.reference`: the torch reference of the op (the kernels' contract);
+- :mod:`.ops`: the op and :func:`site_linear`;
+- :mod:`.modules`: :class:`SplitQSiteLinear` and the text-mask context.
 """
 
 from splitq_modifier.runtime.modules import (
@@ -13,14 +19,14 @@ from splitq_modifier.runtime.modules import (
     attach_modality_context,
     site_members,
 )
-from splitq_modifier.runtime.ops import (
+from splitq_modifier.runtime.ops import site_linear, site_linear_op, triton_enabled
+from splitq_modifier.runtime.params import (
+    UNQUANTIZED,
     SiteBranchParams,
     SiteParams,
     build_site_params,
-    random_site_params,
-    site_linear,
-    site_linear_op,
-    triton_enabled,
+    flatten_factor_dims,
+    split_factors,
 )
 from splitq_modifier.runtime.quant import (
     EPS,
@@ -34,16 +40,15 @@ from splitq_modifier.runtime.quant import (
     unpack_path_weight,
 )
 from splitq_modifier.runtime.reference import (
-    flatten_factor_dims,
     site_gemm_reference,
     site_linear_reference,
     site_quantize_reference,
     site_transform_reference,
-    split_factors,
 )
 
 __all__ = [
     "EPS",
+    "UNQUANTIZED",
     "ModalityContext",
     "SiteBranch",
     "SiteBranchParams",
@@ -59,7 +64,6 @@ __all__ = [
     "qmax_of",
     "quantize_per_token",
     "quantize_weight_per_channel",
-    "random_site_params",
     "site_gemm_reference",
     "site_linear",
     "site_linear_op",

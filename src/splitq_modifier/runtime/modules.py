@@ -18,9 +18,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from splitq_modifier.runtime.ops import SiteBranchParams, SiteParams, site_linear
+from splitq_modifier.runtime.ops import site_linear
+from splitq_modifier.runtime.params import (
+    UNQUANTIZED,
+    SiteBranchParams,
+    SiteParams,
+    flatten_factor_dims,
+    split_factors,
+)
 from splitq_modifier.runtime.quant import packed_words, unpack_path_weight
-from splitq_modifier.runtime.reference import flatten_factor_dims, split_factors
 
 __all__ = [
     "ModalityContext",
@@ -257,7 +263,7 @@ class SplitQSiteLinear(nn.Module):
             dims=params.dims,
             out_splits=params.out_splits,
             w_bits=params.w_bits,
-            a_bits=tuple(None if b >= 16 else b for b in params.a_bits),
+            a_bits=tuple(None if b >= UNQUANTIZED else b for b in params.a_bits),
             members=names,
             cws=branch(params.cws, "residual"),
             mac=branch(params.mac, "residual" if params.mac_input == 0 else "act"),
@@ -331,7 +337,7 @@ class SplitQSiteLinear(nn.Module):
             w_packed=tuple(getattr(o, f"weight_packed_{p}") for p in range(3)),
             w_scale=tuple(getattr(o, f"weight_scale_{p}") for p in range(3)),
             w_bits=o.w_bits,
-            a_bits=tuple(16 if b is None else b for b in o.a_bits),
+            a_bits=tuple(UNQUANTIZED if b is None else b for b in o.a_bits),
             cws=None if o.cws is None else o.cws.params(),
             mac=None if o.mac is None else o.mac.params(),
             mac_input=0 if o.mac is None or o.mac.input == "residual" else 1,
@@ -341,7 +347,7 @@ class SplitQSiteLinear(nn.Module):
     def factor_mats(self) -> list[list[Tensor]]:
         """The Kronecker factors of each path, as square matrices (views)."""
         o = self.owner
-        return split_factors(o.factors, flatten_factor_dims(o.dims))
+        return split_factors(o.factors, o.dims)
 
     def weight_int(self, p: int) -> Tensor:
         """Unpacked int8 codes of path ``p`` for this linear's rows (``d_out x k_p``)."""

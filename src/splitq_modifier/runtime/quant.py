@@ -1,8 +1,11 @@
 """Integer helpers shared by the runtime, the format and calibration's freezing step.
 
 Everything is symmetric integer quantization,
-``q(v, b) = clamp(round_half_even(v / s), -2^(b-1), 2^(b-1) - 1)``; codes are packed densely
-along the input dim into int32 words with compressed-tensors' ``pack_to_int32``.
+``q(v, b) = clamp(round_half_even(v / s), -2^(b-1), 2^(b-1) - 1)``. Codes are packed densely
+along the input dim into int32 words (:func:`pack_path_weight`). The packing is this
+package's own: the saved format's bit layout must not change with the installed
+compressed-tensors (0.17 and 0.19 pack 3-bit codes differently), so the runtime imports no
+compressed-tensors at all.
 """
 
 from __future__ import annotations
@@ -10,12 +13,6 @@ from __future__ import annotations
 import math
 
 import torch
-from compressed_tensors.compressors.pack_quantized.helpers import (
-    pack_to_int32,
-    unpack_from_int32,
-)
-from compressed_tensors.quantization import QuantizationArgs
-from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize
 from torch import Tensor
 
 __all__ = [
@@ -67,7 +64,7 @@ def quantize_per_token(v: Tensor, bits: int, clip: Tensor | None = None) -> tupl
 def quantize_weight_per_channel(
     w: Tensor, bits: int, clip: Tensor | float | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Symmetric per-output-channel weight quantization with compressed-tensors' ``quantize``.
+    """Symmetric per-output-channel weight quantization (round half to even).
 
     ``scale[o] = max(absmax(w[o]) * clip[o], 1e-8) / qmax``; ``clip`` is a float, a scalar or a
     ``(d_out,)``/``(d_out, 1)`` tensor of ratios in (0, 1]. Returns int8 codes and fp32 scales.
@@ -78,26 +75,52 @@ def quantize_weight_per_channel(
     if clip is not None:
         amax = amax * torch.as_tensor(clip, dtype=torch.float32, device=w.device).reshape(-1)
     scale = amax.clamp_min(EPS) / torch.tensor(float(qmax), dtype=torch.float32, device=w.device)
-    args = QuantizationArgs(num_bits=int(bits), symmetric=True, strategy="channel", type="int")
-    q = ct_quantize(w, scale[:, None], None, args, dtype=torch.int8)
+    q = torch.clamp(torch.round(w / scale[:, None]), -qmax - 1, qmax).to(torch.int8)
     return q, scale
+
+
+def _bit_slots(k: int, bits: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Word index and bit offset of each of ``k`` codes in a dense little-endian bit stream."""
+    start = torch.arange(k, device=device, dtype=torch.int64) * int(bits)
+    return start >> 5, start & 31
 
 
 def pack_path_weight(w_int8: Tensor, bits: int) -> Tensor:
     """Pack int8 codes (rows, k) densely along k into int32 (rows, ceil(k*b/32)).
 
-    compressed-tensors' ``pack_to_int32(w_int8, bits, packed_dim=1)``: value ``k`` of a row,
-    offset by ``2^(b-1)`` to be unsigned, occupies bits ``[k*b, k*b + b)`` of the row's
-    little-endian bit stream (a 3-bit value may straddle two words).
+    Code ``k`` of a row, offset by ``2^(b-1)`` to be unsigned, occupies bits
+    ``[k*b, k*b + b)`` of the row's little-endian bit stream: word ``(k*b) >> 5`` from bit
+    ``(k*b) & 31``, a 3-bit code running into the next word when it does not fit. (The same
+    layout as compressed-tensors 0.19's ``pack_to_int32``; a test holds the two equal.)
     """
     if w_int8.dtype != torch.int8:
         raise TypeError(f"expected int8 codes, got {w_int8.dtype}")
-    return pack_to_int32(w_int8.contiguous(), int(bits), packed_dim=1).contiguous()
+    bits = int(bits)
+    qmax_of(bits)
+    rows, k = w_int8.shape
+    words = packed_words(k, bits)
+    u = w_int8.to(torch.int64) + (1 << (bits - 1))
+    word, off = _bit_slots(k, bits, w_int8.device)
+    # int64 words: the high half of a shifted code is the spill into the next word
+    out = torch.zeros(rows, words + 1, dtype=torch.int64, device=w_int8.device)
+    out.index_add_(1, word, u << off)
+    spill = out[:, :-1] >> 32
+    out = (out[:, :-1] & 0xFFFFFFFF) + torch.nn.functional.pad(spill[:, :-1], (1, 0))
+    return torch.where(out >= 1 << 31, out - (1 << 32), out).to(torch.int32).contiguous()
 
 
 def unpack_path_weight(packed: Tensor, bits: int, k: int) -> Tensor:
     """Inverse of :func:`pack_path_weight`: int32 (rows, words) -> int8 codes (rows, k)."""
-    return unpack_from_int32(packed, int(bits), torch.Size([packed.shape[0], int(k)]), 1)
+    bits, k = int(bits), int(k)
+    if packed.dtype != torch.int32:
+        raise TypeError(f"expected int32 words, got {packed.dtype}")
+    if packed.shape[1] < packed_words(k, bits):
+        raise ValueError(f"{packed.shape[1]} words hold fewer than {k} {bits}-bit codes")
+    w = packed.to(torch.int64) & 0xFFFFFFFF
+    w = torch.nn.functional.pad(w, (0, 1))  # the word after the last, for spills
+    word, off = _bit_slots(k, bits, packed.device)
+    v = (w[:, word] | (w[:, word + 1] << 32)) >> off
+    return ((v & ((1 << bits) - 1)) - (1 << (bits - 1))).to(torch.int8)
 
 
 def imatmul(a: Tensor, b: Tensor) -> Tensor:
