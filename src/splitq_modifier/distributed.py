@@ -28,7 +28,6 @@ __all__ = [
     "all_reduce_grads",
     "all_reduce_sums",
     "all_reduce_tensor",
-    "install_partition_fix",
     "is_distributed",
     "rank_and_world",
     "sample_digest",
@@ -142,54 +141,6 @@ def warn_on_overlap(digests: list[str]) -> int:
             "`llmcompressor.datasets.get_rank_partition(split, num_samples)`."
         )
     return shared
-
-
-def install_partition_fix() -> bool:
-    """Make llm-compressor's "identical dataset on every rank" path give disjoint shares.
-
-    llm-compressor 0.14 detects that every rank was given the same ``Dataset`` and builds its
-    sampler over this rank's partition, but then builds the ``DataLoader`` over the *full*
-    dataset, so the partition's indices ``0 .. N/R - 1`` select the same first ``N/R``
-    samples on every rank (measured: on 2 ranks with 16 samples both ranks calibrated on
-    samples 0-7). This wrapper partitions the dataset before the loader is built, so each
-    rank gets samples ``[rank N/R, (rank+1) N/R)``. Installed once llm-compressor is
-    imported (it changes nothing outside distributed runs with identical datasets); returns
-    whether it was installed.
-    """
-    try:
-        import dataclasses
-
-        from llmcompressor.datasets import utils as ds_utils
-    except ImportError:
-        return False
-    original = ds_utils.format_calibration_data
-    if getattr(original, "_splitq_partition_fix", False):
-        return True
-    same, bounds = (
-        getattr(ds_utils, "_is_dist_and_same_ds", None),
-        getattr(ds_utils, "_get_partition_start_end", None),
-    )
-    if same is None or bounds is None:
-        return False
-
-    def format_calibration_data(args, tokenized_dataset, processor):
-        if tokenized_dataset is not None and same(tokenized_dataset):
-            rank, world = rank_and_world()
-            total = args.num_calibration_samples or len(tokenized_dataset)
-            total = min(total, len(tokenized_dataset))
-            start, end = bounds(total, rank, world)
-            logger.info(
-                f"SplitQ: identical calibration datasets on {world} ranks; rank {rank} "
-                f"calibrates on samples [{start}, {end})"
-            )
-            tokenized_dataset = tokenized_dataset.select(range(start, end))
-            if dataclasses.is_dataclass(args):
-                args = dataclasses.replace(args, num_calibration_samples=end - start)
-        return original(args, tokenized_dataset, processor)
-
-    format_calibration_data._splitq_partition_fix = True
-    ds_utils.format_calibration_data = format_calibration_data
-    return True
 
 
 def local_batch_size(batch_size: int) -> int:

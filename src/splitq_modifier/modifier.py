@@ -567,7 +567,7 @@ def _offload_like(module: torch.nn.Module, original: torch.nn.Module) -> None:
 
 
 # registered here too: when this module is what first imports llmcompressor, the import hook
-# of ``splitq_modifier`` runs before the class exists
-from splitq_modifier import _register_modifier  # noqa: E402
+# of ``splitq_modifier.integrations`` runs before the class exists
+from splitq_modifier.integrations.llmcompressor import register_modifier  # noqa: E402
 
-_register_modifier()
+register_modifier()

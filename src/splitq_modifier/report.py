@@ -24,7 +24,6 @@ import json
 import os
 import re
 import sys
-import weakref
 from typing import Any
 
 import torch
@@ -306,28 +305,19 @@ def _short(name: str) -> str:
 def attach_report(model: Any, modifier: Any) -> None:
     """Make ``model.save_pretrained(dir, ...)`` also write ``dir/splitq_report``.
 
-    Wraps the model's (llm-compressor-wrapped) ``save_pretrained`` once; the report data is
-    a snapshot of this modifier's results, replaced if another SplitQ run attaches again.
+    The report data is a snapshot of this modifier's results, replaced if another SplitQ run
+    attaches again.
     """
-    model._splitq_report_data = (*collect(modifier, model), bool(modifier.report_plots))
-    current = model.save_pretrained
-    if getattr(current, "_splitq_report", False):
-        return
-    model_ref = weakref.ref(model)
+    from splitq_modifier.integrations.llmcompressor import wrap_save_pretrained
 
-    def save_pretrained(save_directory, *args, **kwargs):
-        out = current(save_directory, *args, **kwargs)
-        owner = model_ref()
-        report = getattr(owner, "_splitq_report_data", None)
-        if report is not None and _is_main_process():
-            data, tensors, plots = report
-            write_report(os.path.join(str(save_directory), REPORT_DIR), data, tensors, plots)
-        return out
+    data, tensors = collect(modifier, model)
+    plots = bool(modifier.report_plots)
 
-    save_pretrained._splitq_report = True
-    save_pretrained._overridden = getattr(current, "_overridden", False)
-    save_pretrained.__doc__ = current.__doc__
-    model.save_pretrained = save_pretrained
+    def write(_model: Any, directory: str) -> None:
+        if _is_main_process():
+            write_report(os.path.join(directory, REPORT_DIR), data, tensors, plots)
+
+    wrap_save_pretrained(model, write)
 
 
 def _is_main_process() -> bool:

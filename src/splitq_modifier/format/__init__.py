@@ -1,20 +1,16 @@
 """The ``splitq-packed`` compressed-tensors format: save, reload and run from packed weights.
 
-Importing this subpackage (``import splitq_modifier`` does) registers everything:
+- :mod:`.spec`: what the format records about a SplitQ linear, and the tensors it stores;
+- :mod:`.compressor`: :class:`SplitQPackedCompressor`, registered under ``splitq-packed``;
+- :mod:`.save`: schemes attached to the SplitQ linears before llm-compressor's
+  ``save_pretrained(dir, save_compressed=True)`` compresses the model;
+- :mod:`.load`: :class:`SplitQCompressedTensorsHfQuantizer`, which turns loaded SplitQ
+  linears into :class:`~splitq_modifier.runtime.SplitQSiteLinear` modules;
+- :mod:`.guard`: the ``config.json`` form that stops stock loaders with one line;
+- :mod:`.validate`: checks of a checkpoint, each naming the file, module and tensor.
 
-- ``CompressionFormat.splitq_packed`` (compressed-tensors' closed format enum, extended in
-  place) and :class:`SplitQPackedCompressor` under the name ``splitq-packed``
-  (:mod:`.registry`, :mod:`.compressor`);
-- a wrapper of ``ModelCompressor.from_pretrained_model`` that attaches the SplitQ schemes
-  before llm-compressor's ``save_pretrained(dir, save_compressed=True)`` compresses the model
-  (:mod:`.save`);
-- :class:`SplitQCompressedTensorsHfQuantizer` as transformers' ``compressed-tensors``
-  quantizer, which turns loaded SplitQ linears into :class:`SplitQSiteLinear` modules
-  (:mod:`.load`), and :class:`SplitQCompressedTensorsConfig` as its quantization config,
-  which reads the guarded ``config.json`` form (:mod:`.guard`: without the package, loading
-  stops with one short validation error naming the format and the fix).
-
-See ``docs/format.md``.
+``import splitq_modifier`` registers it all with compressed-tensors and transformers
+(:mod:`splitq_modifier.integrations`). See ``docs/format.md``.
 """
 
 from splitq_modifier.format.compressor import SplitQPackedCompressor
@@ -28,10 +24,8 @@ from splitq_modifier.format.load import (
     SplitQCompressedTensorsHfQuantizer,
     check_checkpoint,
     convert_loaded_model,
-    install_loader,
 )
-from splitq_modifier.format.registry import register_format
-from splitq_modifier.format.save import install_save_hook, prepare_model_for_save
+from splitq_modifier.format.save import prepare_model_for_save
 from splitq_modifier.format.spec import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -40,10 +34,6 @@ from splitq_modifier.format.spec import (
     LinearSpec,
     SplitQFormatError,
 )
-
-register_format()
-install_save_hook()
-install_loader()
 
 __all__ = [
     "FORMAT_NAME",

@@ -15,8 +15,9 @@ transformers 5 loads compressed-tensors checkpoints through ``CompressedTensorsH
 
 Nothing there ever runs a custom forward, so ``import splitq_modifier`` replaces the
 ``"compressed-tensors"`` entry of ``transformers.quantizers.auto.AUTO_QUANTIZER_MAPPING`` with
-:class:`SplitQCompressedTensorsHfQuantizer`, a subclass that behaves exactly like its parent
-for checkpoints without SplitQ groups and, for ``splitq-packed`` ones:
+:class:`SplitQCompressedTensorsHfQuantizer` (:mod:`splitq_modifier.integrations`), a subclass
+that behaves exactly like its parent for checkpoints without SplitQ groups and, for
+``splitq-packed`` ones:
 
 - rejects an unknown format version when the config is read (before any weight is touched);
 - before loading, checks each SplitQ config group against the model's linears, each
@@ -35,17 +36,14 @@ for checkpoints without SplitQ groups and, for ``splitq-packed`` ones:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from compressed_tensors.quantization import QuantizationStatus
 from torch import nn
-from transformers.quantizers import auto as hf_auto
 from transformers.quantizers.quantizer_compressed_tensors import CompressedTensorsHfQuantizer
 from transformers.utils.quantization_config import CompressedTensorsConfig
 
-from splitq_modifier.format.guard import SplitQCompressedTensorsConfig
 from splitq_modifier.format.spec import (
     FORMAT_NAME,
     LinearSpec,
@@ -69,8 +67,6 @@ __all__ = [
     "SplitQCompressedTensorsHfQuantizer",
     "check_checkpoint",
     "convert_loaded_model",
-    "install_loader",
-    "key_maps",
 ]
 
 _FIX = (
@@ -117,47 +113,6 @@ def _owning_module(key: str, names: set[str]) -> str | None:
 _DTYPE_NAMES = {torch.int32: "I32", torch.float32: "F32"}
 
 
-def key_maps(
-    model: nn.Module, keys: Iterable[str] = (), hf_quantizer: Any = None
-) -> tuple[Callable[[str], str], Callable[[str], str]]:
-    """``(to_model, to_checkpoint)``: rename checkpoint keys to the model's parameter names as
-    transformers does when it loads (e.g. Qwen2.5-VL stores ``model.layers.*`` for the module
-    ``model.language_model.layers.*``), and model names back as it does when it saves."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import (
-            WeightConverter,
-            WeightRenaming,
-            rename_source_key,
-        )
-
-        mapping = get_model_conversion_mapping(model, None, hf_quantizer)
-        meta = model.state_dict()
-        prefix = getattr(model, "base_model_prefix", None)
-
-        def split(ts):
-            return (
-                [t for t in ts if isinstance(t, WeightRenaming)],
-                [t for t in ts if isinstance(t, WeightConverter)],
-            )
-
-        fwd = split(mapping)
-        rev = split([t.reverse_transform() for t in reversed(mapping)])
-
-        def to_model(key: str) -> str:
-            renamed, _ = rename_source_key(key, *fwd, prefix, meta)
-            return key if renamed not in meta and key in meta else renamed
-
-        def to_checkpoint(key: str) -> str:
-            return rename_source_key(key, *rev, reverse=True)[0]
-
-        for key in list(keys)[:1]:
-            to_model(key)
-        return to_model, to_checkpoint
-    except (ImportError, TypeError, AttributeError, ValueError, KeyError):  # other versions
-        return (lambda k: k), (lambda k: k)
-
-
 def check_checkpoint(
     model: nn.Module, checkpoint_files: list[str] | None, hf_quantizer: Any = None
 ) -> None:
@@ -172,6 +127,8 @@ def check_checkpoint(
     header = _header_shapes([str(f) for f in checkpoint_files])
     if not header:
         return
+    from splitq_modifier.integrations.transformers import key_maps
+
     to_model, to_checkpoint = key_maps(model, header, hf_quantizer)
     header = {to_model(k): v for k, v in header.items()}
     where = os.path.dirname(str(checkpoint_files[0]))
@@ -442,16 +399,3 @@ class SplitQCompressedTensorsHfQuantizer(CompressedTensorsHfQuantizer):
             state.update({f"{name}.{k}": v for k, v in compressed.items()})
         self.compressor.quantization_config.quantization_status = QuantizationStatus.COMPRESSED
         return state, {}
-
-
-def install_loader() -> None:
-    """Route transformers' ``compressed-tensors`` checkpoints through
-    :class:`SplitQCompressedTensorsHfQuantizer`, and their ``quantization_config`` through
-    :class:`~splitq_modifier.format.guard.SplitQCompressedTensorsConfig` (idempotent)."""
-    current = hf_auto.AUTO_QUANTIZER_MAPPING.get("compressed-tensors")
-    if current is None or not issubclass(current, SplitQCompressedTensorsHfQuantizer):
-        hf_auto.AUTO_QUANTIZER_MAPPING["compressed-tensors"] = SplitQCompressedTensorsHfQuantizer
-    configs = hf_auto.AUTO_QUANTIZATION_CONFIG_MAPPING
-    current_config = configs.get("compressed-tensors")
-    if current_config is None or not issubclass(current_config, SplitQCompressedTensorsConfig):
-        configs["compressed-tensors"] = SplitQCompressedTensorsConfig

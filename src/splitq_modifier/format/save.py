@@ -7,7 +7,8 @@ each module's state dict with that format's compressor, saves, and writes
 ``quantization_config`` into ``config.json``. ``SplitQModifier`` leaves
 :class:`~splitq_modifier.runtime.SplitQSiteLinear` modules without schemes (a scheme needs the
 module's name, for its ``targets``), so :func:`prepare_model_for_save` runs first
-(``import splitq_modifier`` wraps ``ModelCompressor.from_pretrained_model`` to call it). It
+(``import splitq_modifier`` wraps ``ModelCompressor.from_pretrained_model`` to call it:
+:mod:`splitq_modifier.integrations`). It
 groups the linears by :class:`LinearSpec` (a site's owner, e.g. ``q_proj``, stores the site's
 tensors; ``k_proj`` and ``v_proj`` record their index in it) and gives each group one scheme
 whose targets are ``re:`` patterns of the module names with layer indices generalised (checked
@@ -36,7 +37,7 @@ __all__ = [
     "splitq_linears",
     "prepare_model_for_save",
     "group_name_hint",
-    "install_save_hook",
+    "prepare_for_compressor",
 ]
 
 #: Config group names of SplitQ schemes carry this hint: transformers' config validation error
@@ -110,6 +111,12 @@ class SplitQModelCompressor(ModelCompressor):
     """The ``ModelCompressor`` of a model with SplitQ linears: writes ``config.json``'s
     ``quantization_config`` in the guarded file form (:mod:`splitq_modifier.format.guard`)."""
 
+    @staticmethod
+    def finish(compressor: ModelCompressor) -> ModelCompressor:
+        """Name the SplitQ config groups with the loading hint; returns ``compressor``."""
+        _rename_groups(compressor)
+        return compressor
+
     def update_config(self, save_directory: str) -> None:
         """compressed-tensors' ``update_config``, then the SplitQ groups encoded."""
         super().update_config(save_directory)
@@ -125,35 +132,20 @@ class SplitQModelCompressor(ModelCompressor):
             json.dump(data, f, indent=2, sort_keys=True)
 
 
-def install_save_hook() -> None:
-    """Wrap ``ModelCompressor.from_pretrained_model`` to prepare SplitQ linears (idempotent).
-
-    With SplitQ linears in the model, a ``quantization_format`` other than ``splitq-packed``
-    (including ``save_compressed=False``, which asks for ``dense``) is refused: a SplitQ linear
-    has no dense or pack-quantized form. ``splitq-packed`` given explicitly is not forced on
-    the model's other quantized modules (they keep their own formats).
-    """
-    current = ModelCompressor.__dict__["from_pretrained_model"]
-    if getattr(current, "_splitq_wrapped", False):
-        return
-    original = current.__func__
-
-    def from_pretrained_model(cls, model, quantization_format=None, *args, **kwargs):
-        if not splitq_linears(model):
-            return original(cls, model, quantization_format, *args, **kwargs)
-        fmt = getattr(quantization_format, "value", quantization_format)
-        if fmt not in (None, FORMAT_NAME):
-            raise SplitQFormatError(
-                f"cannot save SplitQ linears as {fmt!r}: they are stored only in the "
-                f"{FORMAT_NAME!r} format (their weights exist only as packed integers with "
-                "online transforms). Save with save_compressed=True and no quantization_format."
-            )
-        prepare_model_for_save(model)
-        compressor = original(SplitQModelCompressor, model, None, *args, **kwargs)
-        _rename_groups(compressor)
-        return compressor
-
-    wrapped = classmethod(from_pretrained_model)
-    from_pretrained_model._splitq_wrapped = True
-    wrapped._splitq_wrapped = True
-    ModelCompressor.from_pretrained_model = wrapped
+def prepare_for_compressor(model: nn.Module, quantization_format=None) -> bool:
+    """Before ``ModelCompressor.from_pretrained_model``: whether ``model`` has SplitQ linears
+    (then their schemes are attached). With SplitQ linears, a ``quantization_format`` other
+    than ``splitq-packed`` (including ``save_compressed=False``, which asks for ``dense``) is
+    refused: a SplitQ linear has no dense or pack-quantized form. ``splitq-packed`` given
+    explicitly is not forced on the model's other quantized modules."""
+    if not splitq_linears(model):
+        return False
+    fmt = getattr(quantization_format, "value", quantization_format)
+    if fmt not in (None, FORMAT_NAME):
+        raise SplitQFormatError(
+            f"cannot save SplitQ linears as {fmt!r}: they are stored only in the "
+            f"{FORMAT_NAME!r} format (their weights exist only as packed integers with "
+            "online transforms). Save with save_compressed=True and no quantization_format."
+        )
+    prepare_model_for_save(model)
+    return True
