@@ -549,6 +549,8 @@ def layer_profiles(model: str, bits: str, tokens: list[int], jobs: int = 2,
         rec = {"site": site, "kernel": kern, "n_tokens": n, "label": prof.label,
                "num_warps": prof.num_warps, "regs": prof.regs, "shared": prof.shared,
                "triton": triton.__version__, "loops": loops, "warnings": warn,
+               "lanes": {"issue": ISSUE_LANES, "int": INT_LANES, "fp32": FP32_LANES,
+                         "xu": XU_LANES},
                **per_program(prof)}  # fmt: skip
         if kern == "B":
             main = [lp for lp in prof.loops if lp.name == "K loop, main path"]
