@@ -425,7 +425,7 @@ def other_ops_time(m: ModelWidths, n: int, gpu: dict, context: int = 0) -> dict:
 
 
 def print_model(m: ModelWidths, sites: list[SiteSpec], tokens, records: list[dict],
-                context: int = 0) -> dict:  # fmt: skip
+                context: int = 0, per_site: bool = False) -> dict:  # fmt: skip
     """Print (c): per-kernel terms and the layer ratios; return the ratios."""
     import triton
 
@@ -457,6 +457,17 @@ def print_model(m: ModelWidths, sites: list[SiteSpec], tokens, records: list[dic
                       f"| {f('memory'):.1f} | {f('time'):.1f} "
                       f"| {'/'.join(k.binding for k in sel)} |")  # fmt: skip
     print("(sites in order attn_in / attn_out / mlp_in / mlp_down)")
+    if per_site:
+        gname, gpu = next(iter(GPUS.items()))
+        print(f"\nPer kernel and site, {gname} (us):")
+        print("| tokens | kernel | programs | tensor | integer | ALU issue | memory | HBM MB "
+              "| binding |")  # fmt: skip
+        print("|---:|---|---:|---:|---:|---:|---:|---:|---|")
+        for n in tokens:
+            for k in (k for s in sites for k in site_model(s, n, records, gpu)):
+                print(f"| {n} | {k.name} | {k.grid} | {k.tensor * 1e6:.1f} "
+                      f"| {k.integer * 1e6:.1f} | {k.issue * 1e6:.1f} | {k.memory * 1e6:.1f} "
+                      f"| {k.hbm_bytes / 1e6:.1f} | {k.binding} |")  # fmt: skip
     print("\nLayer (us), bf16 linears as separate GEMMs at the same tensor-core efficiency; "
           f"full layer adds RMSNorms, residuals, SiLU gate and SDPA attention ({context} "
           "cached tokens) at bf16 rates on both sides:")  # fmt: skip
@@ -733,6 +744,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-branches", action="store_true", help="leave CWS and MAC out")
     ap.add_argument("--context", type=int, default=0, help="cached tokens attention reads")
     ap.add_argument("--model-only", action="store_true", help="print the model (c) only")
+    ap.add_argument("--per-site", action="store_true", help="(c) per kernel and site too")
     args = ap.parse_args(argv)
     wb, ab = int(args.bits[1]), int(args.bits[3])
     m = REAL_MODELS[args.model]
@@ -757,7 +769,7 @@ def main(argv: list[str] | None = None) -> None:
         print_bytes(sites, args.tokens)
     records = _sass_records(args.model, args.bits, args.tokens)
     print_main_loops(records)
-    print_model(m, sites, args.tokens, records, args.context)
+    print_model(m, sites, args.tokens, records, args.context, args.per_site)
     if not args.model_only:
         print_precision(sites)
     if HAS_GPU:
