@@ -1,6 +1,7 @@
 """SplitQ site kernels vs bf16, per decoder layer at real widths.
 
     python benchmarks/kernel.py                        # Qwen2.5-VL-7B, W4A4
+    python benchmarks/kernel.py --model-only --per-site  # the hardware model (c) alone
     python benchmarks/kernel.py --model Qwen2.5-VL-72B --tokens 1 2048
 
 A decoder layer has four activation sites (attention input q/k/v, attention output o, MLP input
@@ -19,9 +20,12 @@ Printed:
 (b) bytes read and written per layer and per token, from the kernels' shapes (weights,
     scales, factors, branch factors, activations, codes, kernel A's fp32 work buffer counted
     as memory traffic, outputs), SplitQ vs bf16;
-(c) a roofline estimate on H100 and H200 SXM (989 bf16 TFLOP/s, 494 TF32, 1979 int8 TOP/s,
-    3.35 / 4.8 TB/s): per kernel ``max(compute, memory)``, summed over the layer's kernels;
-    kernel A's transform is tf32x3 (three TF32 passes), tiles padded as the launchers pad them;
+(c) the hardware model on H100 and H200 SXM (132 SMs at 1.83 GHz, 3.35 / 4.8 TB/s, 50 MB L2):
+    each launch takes ``max(tensor core, ALU issue, memory)``, with the tensor-core and
+    instruction counts read from the kernels compiled for sm_90 (``benchmarks/sass.py``, run
+    in a subprocess: it needs ptxas/nvdisasm from the triton wheel, no GPU), the grid against
+    132 SMs and kernel B's weight re-fetch per wave; kernel B's main-loop integer instructions
+    per 4-bit code; linears-only and full-layer ratios vs bf16 (see ``print_model``);
 (d) transform precision: quantization codes that flip against an fp64 transform, for fp32
     (what the kernels compute) and for TF32 operands (emulated), on a real-width site;
 (e) on a GPU only: the measured time of a decoder layer (RMSNorm, the four sites or seven
@@ -60,11 +64,9 @@ from splitq_modifier.widths import REAL_MODELS, ModelWidths, site_widths  # noqa
 
 TOKENS = (1, 16, 2048, 8192)
 SITES = ("attn_in", "attn_out", "mlp_in", "mlp_down")
-#: Physical limits (DESIGN.md section 6): TFLOP/s bf16, TF32 dense (half bf16), int8; TB/s.
-GPUS = {
-    "H100 SXM": {"bf16": 989e12, "tf32": 494.5e12, "int8": 1979e12, "hbm": 3.35e12},
-    "H200 SXM": {"bf16": 989e12, "tf32": 494.5e12, "int8": 1979e12, "hbm": 4.8e12},
-}
+#: HBM bandwidth (B/s; DESIGN.md section 6). Both have 132 SMs and the same tensor-core peaks
+#: (989 bf16 TFLOP/s, 1979 int8 TOP/s dense): see ``CLOCK_HZ`` and ``MAC_PER_CLK``.
+GPUS = {"H100 SXM": {"hbm": 3.35e12}, "H200 SXM": {"hbm": 4.8e12}}
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,7 +149,7 @@ def build_params(s: SiteSpec, device, seed: int = 0) -> SiteParams:
 
 
 # --------------------------------------------------------------------------------------------
-# (b) + (c): bytes, FLOPs and the roofline, from the launchers' own tile plans
+# (b): bytes and FLOPs from the launchers' own tile plans (also the model's memory term)
 # --------------------------------------------------------------------------------------------
 @dataclass
 class KernelCost:
@@ -158,20 +160,6 @@ class KernelCost:
     write: int
     macs: dict  # unit -> MACs ("bf16", "int8", "tf32x3")
     scratch: int = 0  # of read + write: kernel A's fp32 work buffer
-
-    def time(self, gpu: dict, scratch_in_hbm: bool = True, bf16_transform: bool = False) -> float:
-        """Roofline seconds: ``max(compute, memory)`` (the work buffer counted as HBM traffic,
-        or not: the bound where it stays in L2). ``bf16_transform``: what if the transform's
-        tf32x3 work ran at the bf16 tensor-core rate instead (a what-if, not the kernels)."""
-        compute = 0.0
-        for unit, macs in self.macs.items():
-            if unit == "tf32x3":
-                rate = gpu["bf16"] if bf16_transform else gpu["tf32"] / 3
-            else:
-                rate = gpu[unit]
-            compute += 2 * macs / rate
-        moved = self.read + self.write - (0 if scratch_in_hbm else self.scratch)
-        return max(compute, moved / gpu["hbm"])
 
 
 def _gpu_configs(n: int) -> tuple[dict, dict]:

@@ -496,7 +496,7 @@ def per_program(prof: Profile) -> dict:
 # --------------------------------------------------------------------------------------------
 # The site kernels of one decoder layer
 # --------------------------------------------------------------------------------------------
-def layer_specs(model: str, bits: str, tokens: list[int]) -> list[tuple]:
+def layer_specs(model: str, bits: str, tokens: list[int], sites=None) -> list[tuple]:
     """``(site, kernel, n_tokens, spec)`` for both kernels at every site of ``model``'s layer
     and every distinct GPU configuration among ``tokens`` (recipe defaults: outlier paths and
     branches at ``max(b, 4)`` bits)."""
@@ -509,6 +509,8 @@ def layer_specs(model: str, bits: str, tokens: list[int]) -> list[tuple]:
     fw, fa = max(wb, 4), max(ab, 4)
     out = []
     for name in site_widths(REAL_MODELS[model]):
+        if sites and name not in sites:
+            continue
         site = real_site(model, name)
         seen_a, seen_b = {}, {}
         for n in tokens:
@@ -526,12 +528,12 @@ def layer_specs(model: str, bits: str, tokens: list[int]) -> list[tuple]:
 
 
 def layer_profiles(model: str, bits: str, tokens: list[int], jobs: int = 2,
-                   dump: str | None = None) -> list[dict]:  # fmt: skip
+                   dump: str | None = None, sites=None) -> list[dict]:  # fmt: skip
     """Compile and profile every kernel configuration of :func:`layer_specs`; one JSON-able
     record per configuration (per-program dynamic counts, loop table, kernel B's main loop)."""
     import triton
 
-    entries = layer_specs(model, bits, tokens)
+    entries = layer_specs(model, bits, tokens, sites)
     profs = profile_specs([(s[1], s[0], s[2], s[3], s[4]) for _, _, _, s in entries], jobs,
                           dump)  # fmt: skip
     records = []
@@ -625,9 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="write the records here instead of tables")
     ap.add_argument("--jobs", type=int, default=2)
     args = ap.parse_args(argv)
-    records = layer_profiles(args.model, args.bits, args.tokens, args.jobs, args.dump)
-    if args.sites:
-        records = [r for r in records if r["site"] in args.sites]
+    records = layer_profiles(args.model, args.bits, args.tokens, args.jobs, args.dump, args.sites)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f)
