@@ -1,6 +1,7 @@
 """SplitQ site kernels vs bf16, per decoder layer at real widths.
 
     python benchmarks/kernel.py                        # Qwen2.5-VL-7B, W4A4
+    python benchmarks/kernel.py --model-only --per-site  # the hardware model (c) alone
     python benchmarks/kernel.py --model Qwen2.5-VL-72B --tokens 1 2048
 
 A decoder layer has four activation sites (attention input q/k/v, attention output o, MLP input
@@ -19,9 +20,12 @@ Printed:
 (b) bytes read and written per layer and per token, from the kernels' shapes (weights,
     scales, factors, branch factors, activations, codes, kernel A's fp32 work buffer counted
     as memory traffic, outputs), SplitQ vs bf16;
-(c) a roofline estimate on H100 and H200 SXM (989 bf16 TFLOP/s, 494 TF32, 1979 int8 TOP/s,
-    3.35 / 4.8 TB/s): per kernel ``max(compute, memory)``, summed over the layer's kernels;
-    kernel A's transform is tf32x3 (three TF32 passes), tiles padded as the launchers pad them;
+(c) the hardware model on H100 and H200 SXM (132 SMs at 1.83 GHz, 3.35 / 4.8 TB/s, 50 MB L2):
+    each launch takes ``max(tensor core, ALU issue, memory)``, with the tensor-core and
+    instruction counts read from the kernels compiled for sm_90 (``benchmarks/sass.py``, run
+    in a subprocess: it needs ptxas/nvdisasm from the triton wheel, no GPU), the grid against
+    132 SMs and kernel B's weight re-fetch per wave; kernel B's main-loop integer instructions
+    per 4-bit code; linears-only and full-layer ratios vs bf16 (see ``print_model``);
 (d) transform precision: quantization codes that flip against an fp64 transform, for fp32
     (what the kernels compute) and for TF32 operands (emulated), on a real-width site;
 (e) on a GPU only: the measured time of a decoder layer (RMSNorm, the four sites or seven
@@ -59,13 +63,11 @@ from splitq_modifier.runtime import (  # noqa: E402  # noqa: E402
 )
 from splitq_modifier.widths import REAL_MODELS, ModelWidths, site_widths  # noqa: E402
 
-TOKENS = (1, 16, 256, 2048, 8192)
+TOKENS = (1, 16, 2048, 8192)
 SITES = ("attn_in", "attn_out", "mlp_in", "mlp_down")
-#: Physical limits (DESIGN.md section 6): TFLOP/s bf16, TF32 dense (half bf16), int8; TB/s.
-GPUS = {
-    "H100 SXM": {"bf16": 989e12, "tf32": 494.5e12, "int8": 1979e12, "hbm": 3.35e12},
-    "H200 SXM": {"bf16": 989e12, "tf32": 494.5e12, "int8": 1979e12, "hbm": 4.8e12},
-}
+#: HBM bandwidth (B/s; DESIGN.md section 6). Both have 132 SMs and the same tensor-core peaks
+#: (989 bf16 TFLOP/s, 1979 int8 TOP/s dense): see ``CLOCK_HZ`` and ``MAC_PER_CLK``.
+GPUS = {"H100 SXM": {"hbm": 3.35e12}, "H200 SXM": {"hbm": 4.8e12}}
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,7 +150,7 @@ def build_params(s: SiteSpec, device, seed: int = 0) -> SiteParams:
 
 
 # --------------------------------------------------------------------------------------------
-# (b) + (c): bytes, FLOPs and the roofline, from the launchers' own tile plans
+# (b): bytes and FLOPs from the launchers' own tile plans (also the model's memory term)
 # --------------------------------------------------------------------------------------------
 @dataclass
 class KernelCost:
@@ -159,20 +161,6 @@ class KernelCost:
     write: int
     macs: dict  # unit -> MACs ("bf16", "int8", "tf32x3")
     scratch: int = 0  # of read + write: kernel A's fp32 work buffer
-
-    def time(self, gpu: dict, scratch_in_hbm: bool = True, bf16_transform: bool = False) -> float:
-        """Roofline seconds: ``max(compute, memory)`` (the work buffer counted as HBM traffic,
-        or not: the bound where it stays in L2). ``bf16_transform``: what if the transform's
-        tf32x3 work ran at the bf16 tensor-core rate instead (a what-if, not the kernels)."""
-        compute = 0.0
-        for unit, macs in self.macs.items():
-            if unit == "tf32x3":
-                rate = gpu["bf16"] if bf16_transform else gpu["tf32"] / 3
-            else:
-                rate = gpu[unit]
-            compute += 2 * macs / rate
-        moved = self.read + self.write - (0 if scratch_in_hbm else self.scratch)
-        return max(compute, moved / gpu["hbm"])
 
 
 def _gpu_configs(n: int) -> tuple[dict, dict]:
@@ -264,27 +252,246 @@ def print_bytes(sites: list[SiteSpec], tokens) -> None:
           f"MB; bf16 weights and biases {bf_w / 1e6:.2f} MB)")  # fmt: skip
 
 
-def print_roofline(sites: list[SiteSpec], tokens) -> None:
-    print("\n(c) roofline estimate per decoder layer: sum over kernels of max(compute, memory); "
-          "SplitQ with kernel A's work buffer in HBM, and (bound) kept in L2")  # fmt: skip
-    print("| GPU | tokens | bf16 us | SplitQ us | of which kernel A us | est. speedup "
-          "| SplitQ us, buffer in L2 | est. speedup, buffer in L2 "
-          "| what-if: + bf16-rate transform |")  # fmt: skip
+# --------------------------------------------------------------------------------------------
+# (c) the hardware model: max(tensor core, integer/ALU issue, memory) per kernel, grid on SMs
+# --------------------------------------------------------------------------------------------
+#: One clock for every unit: the datasheet tensor-core peaks (989.4 bf16 TFLOP/s, 1979 int8
+#: TOP/s dense) are 2048 bf16 / 4096 int8 multiply-adds per clock per SM x 132 SMs at 1.83 GHz.
+#: (The 1.98 GHz maximum boost would make the integer times 7.6 % shorter.)
+CLOCK_HZ = 1.83e9
+SMS = 132
+L2_BYTES = 50e6
+#: Tensor-core multiply-adds per clock per SM (dense): int8, bf16/fp16, TF32.
+MAC_PER_CLK = {"int8": 4096, "bf16": 2048, "fp8": 4096, "tf32": 1024}
+#: Share of the tensor-core peak reached, on both sides: the bf16 GEMMs measured on this
+#: workplace's H100 (~798 of 989 TFLOP/s, DESIGN.md section 7).
+TENSOR_EFF = 798 / 989
+#: Share of the bf16 peak reached by SDPA (flash) attention, causal, head dim 128: an
+#: assumption between FlashAttention-2 (~35-40 %) and FlashAttention-3 (~60-75 %) on H100.
+ATTN_EFF = 0.5
+#: Bytes one SM can pull from L2/HBM per clock (an upper bound: the SM's L2 read port); caps
+#: the memory rate of a grid that occupies few SMs.
+SM_BYTES_PER_CLK = 64
+
+
+def _sass_records(model: str, bits: str, tokens) -> list[dict]:
+    """Per-program SASS counts of every kernel configuration (``benchmarks/sass.py``, run in
+    a subprocess: compiling needs Triton's interpreter off). Triton caches the cubins."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "SPLITQ_TRITON_INTERPRET")}  # fmt: skip
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        cmd = [sys.executable, "-m", "benchmarks.sass", "--model", model, "--bits", bits,
+               "--json", f.name, "--tokens", *map(str, tokens)]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError("benchmarks/sass.py failed:\n" + proc.stderr[-3000:])
+        return json.load(open(f.name))
+
+
+def _record(records: list[dict], site: str, kernel: str, n: int) -> dict:
+    """The record compiled for ``n`` tokens' GPU configuration."""
+    from splitq_modifier.kernels import site_gemm_config, site_quant_config
+
+    conf = site_quant_config if kernel == "A" else site_gemm_config
+    key = conf(n, interpret=False)
+    for r in records:
+        if r["site"] == site and r["kernel"] == kernel and conf(r["n_tokens"], False) == key:
+            return r
+    raise KeyError((site, kernel, n))
+
+
+@dataclass
+class KernelTime:
+    """One launch under the model (seconds; ``binding``: the largest term)."""
+
+    name: str
+    grid: int
+    tensor: float
+    integer: float  # integer instructions at 64 lanes/clk/SM
+    issue: float  # max(integer, all instructions at 128, FP32 at 128, XU at 16)
+    memory: float
+    hbm_bytes: float
+
+    @property
+    def time(self) -> float:
+        return max(self.tensor, self.issue, self.memory)
+
+    @property
+    def serial(self) -> float:
+        """Tensor and ALU work not overlapped (today's loops wait for their MMAs)."""
+        return max(self.tensor + self.issue, self.memory)
+
+    @property
+    def binding(self) -> str:
+        t = {"tensor": self.tensor, "ALU": self.issue, "memory": self.memory}
+        if self.issue == self.integer and self.issue >= max(self.tensor, self.memory):
+            return "integer"
+        return max(t, key=t.get)
+
+
+def program_clocks(rec: dict) -> dict:
+    """Clocks one program keeps an SM's units busy: tensor cores (padded MMAs as compiled,
+    at ``TENSOR_EFF`` of the peak), integer lanes, issue slots, FP32 lanes, the XU."""
+    c, threads, lanes = rec["counts"], rec["num_warps"] * 32, rec["lanes"]
+    tensor = sum(m / MAC_PER_CLK[u] for u, m in rec["macs"].items()) / TENSOR_EFF
+    integer = c.get("int", 0) * threads / lanes["int"]
+    issue = sum(c.values()) * threads / lanes["issue"]
+    fp32 = c.get("fp32", 0) * threads / lanes["fp32"]
+    xu = c.get("xu", 0) * threads / lanes["xu"]
+    return {"tensor": tensor, "int": integer, "alu": max(integer, issue, fp32, xu)}
+
+
+def kernel_time(name: str, rec: dict, grid: int, hbm_bytes: float, gpu: dict) -> KernelTime:
+    """A launch of ``grid`` programs: the busiest SM runs ``ceil(grid / 132)`` of them one
+    after another (units shared); memory at ``min(HBM, SMs in use x 64 B/clk)``."""
+    clk = program_clocks(rec)
+    per_sm = math.ceil(grid / SMS)
+    bw = min(gpu["hbm"], min(grid, SMS) * SM_BYTES_PER_CLK * CLOCK_HZ)
+    return KernelTime(name, grid, per_sm * clk["tensor"] / CLOCK_HZ,
+                      per_sm * clk["int"] / CLOCK_HZ, per_sm * clk["alu"] / CLOCK_HZ,
+                      hbm_bytes / bw, hbm_bytes)  # fmt: skip
+
+
+def weight_stream_bytes(d_out: int, block_o: int, n: int, block_t: int, w_bytes: float) -> float:
+    """HBM bytes of kernel B's weights: programs run in grid order, output tiles fastest, so
+    each wave of 132 programs fetches the weight tiles of the output tiles it covers; the
+    site's weights are fetched once in all only when they fit in half the L2."""
+    if w_bytes <= L2_BYTES / 2:
+        return w_bytes
+    ot, tt = math.ceil(d_out / block_o), math.ceil(n / block_t)
+    total = 0.0
+    for start in range(0, ot * tt, SMS):
+        tiles = {i % ot for i in range(start, min(start + SMS, ot * tt))}
+        total += len(tiles) / ot * w_bytes
+    return total
+
+
+def site_model(s: SiteSpec, n: int, records: list[dict], gpu: dict) -> list[KernelTime]:
+    """Kernel A and kernel B of site ``s`` at ``n`` tokens under the model."""
+    qcfg, gcfg = _gpu_configs(n)
+    cost_a, cost_b = site_costs(s, n)
+    static_b = site_costs(s, 0)[1].read  # weights, scales, branch up-factors, bias
+    w_hbm = weight_stream_bytes(s.big_d, gcfg["BLOCK_O"], n, gcfg["BLOCK_T"], static_b)
+    grid_a = math.ceil(n / qcfg["BLOCK_M"])
+    grid_b = math.ceil(s.big_d / gcfg["BLOCK_O"]) * math.ceil(n / gcfg["BLOCK_T"])
+    a = kernel_time(f"{s.name} A", _record(records, s.name, "A", n), grid_a,
+                    cost_a.read + cost_a.write, gpu)  # fmt: skip
+    b = kernel_time(f"{s.name} B", _record(records, s.name, "B", n), grid_b,
+                    cost_b.read + cost_b.write - static_b + w_hbm, gpu)  # fmt: skip
+    return [a, b]
+
+
+def bf16_linear_time(s: SiteSpec, n: int, gpu: dict) -> float:
+    """The site's bf16 GEMMs: max(FLOPs at ``TENSOR_EFF`` of the bf16 peak, bytes at HBM)."""
+    return sum(max(c.macs["bf16"] / (MAC_PER_CLK["bf16"] * SMS * CLOCK_HZ * TENSOR_EFF),
+                   (c.read + c.write) / gpu["hbm"]) for c in bf16_costs(s, n))  # fmt: skip
+
+
+def other_ops_time(m: ModelWidths, n: int, gpu: dict, context: int = 0) -> dict:
+    """The rest of the layer at bf16, the same on both sides: two RMSNorms, two residual adds,
+    the SiLU gate, SDPA attention over the ``n`` tokens (causal) plus ``context`` cached ones
+    (rotary and the KV-cache write left out)."""
+    h, inter = m.hidden, m.intermediate
+    hd = 128 if m.q_out % 128 == 0 else math.gcd(m.q_out, m.kv_out)
+    heads = m.q_out // hd
+    mem = lambda b: b / gpu["hbm"]  # noqa: E731
+    out = {
+        "rmsnorm x2": 2 * mem(2 * n * h * 2 + h * 2),
+        "residual x2": 2 * mem(3 * n * h * 2),
+        "silu gate": mem(3 * n * inter * 2),
+    }
+    flops = 4 * heads * hd * n * (context + (n + 1) / 2)
+    attn_bytes = 2 * n * m.q_out * 2 + 2 * (n + context) * m.kv_out * 2
+    out["attention"] = max(flops / (2 * MAC_PER_CLK["bf16"] * SMS * CLOCK_HZ * ATTN_EFF),
+                           mem(attn_bytes))  # fmt: skip
+    return out
+
+
+def print_model(m: ModelWidths, sites: list[SiteSpec], tokens, records: list[dict],
+                context: int = 0, per_site: bool = False) -> dict:  # fmt: skip
+    """Print (c): per-kernel terms and the layer ratios; return the ratios."""
+    import triton
+
+    r0 = records[0]
+    print(f"\n(c) hardware model per decoder layer (SASS of the kernels compiled for sm_90 by "
+          f"Triton {r0['triton']} on this machine; no GPU run). Per kernel: max(tensor core, "
+          "ALU issue, memory); tensor time from the compiled MMA instructions (padded tiles, "
+          f"tf32x3 as three passes) at {TENSOR_EFF:.3f} of the peak; ALU issue from the "
+          "per-program dynamic instruction counts (loop bodies x trips + straight-line code) "
+          "at 64 integer lanes, 128 issue slots, 128 FP32 lanes and 16 XU lanes per clock per "
+          f"SM; {CLOCK_HZ / 1e9:.2f} GHz; the busiest of 132 SMs runs ceil(grid / 132) "
+          f"programs; memory at min(HBM, SMs in use x {SM_BYTES_PER_CLK} B/clk), kernel A's "
+          "fp32 work buffer through HBM, kernel B's weights re-fetched per wave when the "
+          "site's weights exceed half the L2.")  # fmt: skip
+    del triton
+    ratios = {}
+    print("\nPer kernel, summed over the four sites (us):")
+    print("| GPU | tokens | kernel | programs per site | tensor | integer | ALU issue | memory "
+          "| time | binding (per site) |")  # fmt: skip
+    print("|---|---:|---|---|---:|---:|---:|---:|---:|---|")
+    for gname, gpu in GPUS.items():
+        for n in tokens:
+            ks = [k for s in sites for k in site_model(s, n, records, gpu)]
+            for kind in ("A", "B"):
+                sel = [k for k in ks if k.name.endswith(" " + kind)]
+                f = lambda attr, sel=sel: sum(getattr(k, attr) for k in sel) * 1e6  # noqa: E731
+                print(f"| {gname} | {n} | {kind} | {'/'.join(str(k.grid) for k in sel)} "
+                      f"| {f('tensor'):.1f} | {f('integer'):.1f} | {f('issue'):.1f} "
+                      f"| {f('memory'):.1f} | {f('time'):.1f} "
+                      f"| {'/'.join(k.binding for k in sel)} |")  # fmt: skip
+    print("(sites in order attn_in / attn_out / mlp_in / mlp_down)")
+    if per_site:
+        gname, gpu = next(iter(GPUS.items()))
+        print(f"\nPer kernel and site, {gname} (us):")
+        print("| tokens | kernel | programs | tensor | integer | ALU issue | memory | HBM MB "
+              "| binding |")  # fmt: skip
+        print("|---:|---|---:|---:|---:|---:|---:|---:|---|")
+        for n in tokens:
+            for k in (k for s in sites for k in site_model(s, n, records, gpu)):
+                print(f"| {n} | {k.name} | {k.grid} | {k.tensor * 1e6:.1f} "
+                      f"| {k.integer * 1e6:.1f} | {k.issue * 1e6:.1f} | {k.memory * 1e6:.1f} "
+                      f"| {k.hbm_bytes / 1e6:.1f} | {k.binding} |")  # fmt: skip
+    print("\nLayer (us), bf16 linears as separate GEMMs at the same tensor-core efficiency; "
+          f"full layer adds RMSNorms, residuals, SiLU gate and SDPA attention ({context} "
+          "cached tokens) at bf16 rates on both sides:")  # fmt: skip
+    print("| GPU | tokens | bf16 linears | SplitQ A + B | **linears ratio** | same, tensor and ALU "
+          "not overlapped | bf16 layer | SplitQ layer | **full-layer ratio** |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for gname, gpu in GPUS.items():
         for n in tokens:
-            sq = [c for s in sites for c in site_costs(s, n)]
-            t_sq = sum(c.time(gpu) for c in sq)
-            t_l2 = sum(c.time(gpu, scratch_in_hbm=False) for c in sq)
-            t_bf_tr = sum(c.time(gpu, scratch_in_hbm=False, bf16_transform=True) for c in sq)
-            t_a = sum(c.time(gpu) for c in sq if c.name.endswith(" A"))
-            t_bf = sum(c.time(gpu) for s in sites for c in bf16_costs(s, n))
-            print(f"| {gname} | {n} | {t_bf * 1e6:.1f} | {t_sq * 1e6:.1f} | {t_a * 1e6:.1f} "
-                  f"| {t_bf / t_sq:.2f}x | {t_l2 * 1e6:.1f} | {t_bf / t_l2:.2f}x "
-                  f"| {t_bf / t_bf_tr:.2f}x |")  # fmt: skip
-    print("(not modelled: launch latency; kernel A's grid is one program per 16 tokens up to 64 "
-          "tokens, so at decode a single SM streams the site's branch down-factors; the bf16 "
-          "side assumes cuBLAS reaches the same peaks)")  # fmt: skip
+            ks = [k for s in sites for k in site_model(s, n, records, gpu)]
+            t_sq = sum(k.time for k in ks)
+            t_ser = sum(k.serial for k in ks)
+            t_bf = sum(bf16_linear_time(s, n, gpu) for s in sites)
+            rest = sum(other_ops_time(m, n, gpu, context).values())
+            ratios[(gname, n)] = (t_bf / t_sq, (t_bf + rest) / (t_sq + rest))
+            full = (t_bf + rest) / (t_sq + rest)
+            print(f"| {gname} | {n} | {t_bf * 1e6:.1f} | {t_sq * 1e6:.1f} "
+                  f"| **{t_bf / t_sq:.2f}x** | {t_bf / t_ser:.2f}x | {(t_bf + rest) * 1e6:.1f} "
+                  f"| {(t_sq + rest) * 1e6:.1f} | **{full:.2f}x** |")  # fmt: skip
+    return ratios
+
+
+def print_main_loops(records: list[dict]) -> None:
+    """Kernel B's main K loop per configuration (from the SASS)."""
+    print("\nKernel B main K loop, per iteration and per thread (sm_90 SASS):")
+    print("| site | tile O x T x K, warps | MMA instructions | integer | all | integer per MMA "
+          "| **integer per 4-bit code** |")  # fmt: skip
+    print("|---|---|---|---:|---:|---:|---:|")
+    for r in records:
+        lp = r.get("main_loop")
+        if not lp:
+            continue
+        mm = ", ".join(f"{k} x{v}" for k, v in lp["mma_ops"].items())
+        print(f"| {r['site']} | {'x'.join(map(str, r['tile']))}, {r['num_warps']} | {mm} "
+              f"| {lp['int']} | {lp['total']} | {lp['int_per_mma']:.1f} "
+              f"| **{lp['int_per_code']:.2f}** ({lp['bits']}-bit) |")  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -524,6 +731,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bits", default="W4A4", help="main-path bits, e.g. W4A4, W3A3, W4A8")
     ap.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
     ap.add_argument("--no-branches", action="store_true", help="leave CWS and MAC out")
+    ap.add_argument("--context", type=int, default=0, help="cached tokens attention reads")
+    ap.add_argument("--model-only", action="store_true", help="print the model (c) only")
+    ap.add_argument("--per-site", action="store_true", help="(c) per kernel and site too")
     args = ap.parse_args(argv)
     wb, ab = int(args.bits[1]), int(args.bits[3])
     m = REAL_MODELS[args.model]
@@ -543,10 +753,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {s.name} | {s.d} | {'/'.join(map(str, s.sizes))} | {dims} "
               f"| {'+'.join(map(str, s.out_splits))} | {s.cws} | {s.mac} |")  # fmt: skip
 
-    count_launches(torch.device("cuda" if HAS_GPU else "cpu"))
-    print_bytes(sites, args.tokens)
-    print_roofline(sites, args.tokens)
-    print_precision(sites)
+    if not args.model_only:
+        count_launches(torch.device("cuda" if HAS_GPU else "cpu"))
+        print_bytes(sites, args.tokens)
+    records = _sass_records(args.model, args.bits, args.tokens)
+    print_main_loops(records)
+    print_model(m, sites, args.tokens, records, args.context, args.per_site)
+    if not args.model_only:
+        print_precision(sites)
     if HAS_GPU:
         if os.environ.get("TRITON_INTERPRET", "0") == "1":
             print("warning: TRITON_INTERPRET=1 is set, the kernels run in the interpreter")

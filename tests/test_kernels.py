@@ -515,10 +515,11 @@ def test_compile_sm90() -> None:
     ptxas = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     if not ptxas.exists() and not os.environ.get("TRITON_PTXAS_PATH"):
         pytest.skip(f"no ptxas at {ptxas} and TRITON_PTXAS_PATH unset: cannot build cubins")
-    from splitq_modifier.kernels.compile_check import kernel_specs
+    from benchmarks.compile_check import kernel_specs
 
     proc = subprocess.run(
-        [sys.executable, "-m", "splitq_modifier.kernels.compile_check", "--arch", "90"],
+        [sys.executable, "-m", "benchmarks.compile_check", "--arch", "90"],
+        cwd=pathlib.Path(__file__).resolve().parents[1],
         env=_env_without_interpreter(),
         capture_output=True,
         text=True,

@@ -1,6 +1,7 @@
 """Compile every SplitQ site-kernel configuration for a CUDA target without a GPU.
 
-``python -m splitq_modifier.kernels.compile_check [--arch 90] [--all] [--jobs N]`` runs
+``python -m benchmarks.compile_check [--arch 90] [--all] [--jobs N]`` (from the repository
+root; a development tool, not part of the installed package) runs
 Triton's full pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin, ptxas being shipped in the
 triton wheel under ``triton/backends/nvidia/bin``) for the configurations the launchers use on a
 GPU, so that an illegal block shape (an int8 ``tl.dot`` with K < 32, which the interpreter
@@ -27,23 +28,22 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
-from splitq_modifier.runtime.quant import packed_words
-
-from .site_gemm import (
+from splitq_modifier.kernels.site_gemm import (
     SITE_GEMM_GPU_CONFIGS,
     site_gemm_config,
     site_gemm_constexprs,
     site_gemm_kernel,
 )
-from .site_quant import (
+from splitq_modifier.kernels.site_quant import (
     SITE_QUANT_GPU_TOKENS,
     site_quant_config,
     site_quant_constexprs,
     site_quant_kernel,
 )
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from splitq_modifier.runtime.quant import packed_words
 
 #: Largest dynamic shared memory of one block on sm_90 (227 KiB).
 SM90_SHARED_LIMIT = 232448
@@ -121,10 +121,14 @@ def real_site(model: str, site: str) -> dict:
     }
 
 
-def _quant_spec(label: str, site: dict, n_tokens: int, branch_bits=(4, 4, 3, 4)) -> tuple:
+def quant_spec(
+    label: str, site: dict, n_tokens: int, a_bits=(4, 4, 4), branch_bits=(4, 4, 3, 4)
+) -> tuple:
+    """``(label, "quant", constexprs, options, ints)`` of kernel A at a real site (see
+    :func:`real_site`) in the GPU configuration for ``n_tokens``."""
     cfg = site_quant_config(n_tokens, interpret=False)
     const = site_quant_constexprs(
-        site["sizes"], site["factor_dims"], site["cws_ranks"], site["mac_ranks"], (4, 4, 4),
+        site["sizes"], site["factor_dims"], site["cws_ranks"], site["mac_ranks"], a_bits,
         branch_bits, 0, False, cfg,
     )  # fmt: skip
     opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
@@ -137,6 +141,29 @@ def _quant_spec(label: str, site: dict, n_tokens: int, branch_bits=(4, 4, 3, 4))
         "stride_l4": packed_words(km, branch_bits[2]),
     }
     return (f"kernel A BM={bm} {label}", "quant", const, opts, ints)
+
+
+def gemm_spec(
+    label: str, site: dict, n_tokens: int, w_bits=(4, 4, 4), branch_bits=(4, 4, 4, 4)
+) -> tuple:
+    """``(label, "gemm", constexprs, options, ints)`` of kernel B at a real site, with both
+    branches, the text mask and bias on, in the GPU configuration for ``n_tokens``."""
+    cfg = site_gemm_config(n_tokens, interpret=False)
+    const = site_gemm_constexprs(
+        site["sizes"], site["out_splits"], site["cws_ranks"], site["mac_ranks"], w_bits,
+        branch_bits, True, True, cfg,
+    )  # fmt: skip
+    opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    opts["enable_fp_fusion"] = True
+    ints = {
+        "stride_wv": packed_words(site["sizes"][0], w_bits[0]),
+        "stride_wt": packed_words(site["sizes"][1], w_bits[1]),
+        "stride_wm": packed_words(site["sizes"][2], w_bits[2]),
+        "stride_l1": packed_words(max(site["cws_ranks"]), branch_bits[0]),
+        "stride_l3": packed_words(max(site["mac_ranks"]), branch_bits[2]),
+    }
+    cfg_s = f"{cfg['BLOCK_O']}x{cfg['BLOCK_T']}x{cfg['BLOCK_K']}"
+    return (f"kernel B {cfg_s} {label} w_bits={tuple(w_bits)}", "gemm", const, opts, ints)
 
 
 def kernel_specs(all_sites: bool = False) -> list[tuple[str, str, dict, dict, dict]]:
@@ -158,7 +185,7 @@ def kernel_specs(all_sites: bool = False) -> list[tuple[str, str, dict, dict, di
             for name in site_widths(REAL_MODELS[model]):
                 site = real_site(model, name)
                 for n in SITE_QUANT_GPU_TOKENS:
-                    spec = _quant_spec(f"{model}:{name} {site['dims']}", site, n)
+                    spec = quant_spec(f"{model}:{name} {site['dims']}", site, n)
                     # Same generated code: same stage table modulo path offsets and widths,
                     # same padded ranks and number of linears.
                     c = spec[2]
@@ -169,7 +196,7 @@ def kernel_specs(all_sites: bool = False) -> list[tuple[str, str, dict, dict, di
                         specs.append(spec)
     else:
         for label, model, name, n in FAMILY_SITES:
-            specs.append(_quant_spec(label, real_site(model, name), n))
+            specs.append(quant_spec(label, real_site(model, name), n))
     gemm_sites = (
         ("Qwen2.5-VL-7B", "attn_in", (4, 3, 2), (4, 4, 3, 4)),
         ("Qwen2.5-VL-7B", "mlp_in", (8, 4, 3), (3, 4, 2, 4)),
@@ -178,26 +205,10 @@ def kernel_specs(all_sites: bool = False) -> list[tuple[str, str, dict, dict, di
     )
     for cfg_row, (model, name, w_bits, branch_bits) in zip(SITE_GEMM_GPU_CONFIGS, gemm_sites):
         max_n = cfg_row[0] or 4096
-        cfg = site_gemm_config(max_n, interpret=False)
-        site = real_site(model, name)
-        const = site_gemm_constexprs(
-            site["sizes"], site["out_splits"], site["cws_ranks"], site["mac_ranks"], w_bits,
-            branch_bits, True, True, cfg,
-        )  # fmt: skip
-        opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-        opts["enable_fp_fusion"] = True
-        ints = {
-            "stride_wv": packed_words(site["sizes"][0], w_bits[0]),
-            "stride_wt": packed_words(site["sizes"][1], w_bits[1]),
-            "stride_wm": packed_words(site["sizes"][2], w_bits[2]),
-            "stride_l1": packed_words(max(site["cws_ranks"]), branch_bits[0]),
-            "stride_l3": packed_words(max(site["mac_ranks"]), branch_bits[2]),
-        }
-        label = (
-            f"kernel B {cfg['BLOCK_O']}x{cfg['BLOCK_T']}x{cfg['BLOCK_K']} (<= {cfg_row[0]} "
-            f"tokens) {model}:{name} w_bits={w_bits}"
+        label, kind, const, opts, ints = gemm_spec(
+            f"{model}:{name}", real_site(model, name), max_n, w_bits, branch_bits
         )
-        specs.append((label, "gemm", const, opts, ints))
+        specs.append((f"{label} (<= {cfg_row[0]} tokens)", kind, const, opts, ints))
     return specs
 
 
