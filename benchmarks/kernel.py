@@ -52,7 +52,7 @@ if not HAS_GPU:  # the kernels run under Triton's interpreter: set before they a
 
 from splitq_modifier.acc import branch_rank  # noqa: E402
 from splitq_modifier.layout import plan_site  # noqa: E402
-from splitq_modifier.runtime import (  # noqa: E402  # noqa: E402
+from splitq_modifier.runtime import (  # noqa: E402
     SiteParams,
     build_site_params,
     flatten_factor_dims,

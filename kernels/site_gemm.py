@@ -250,8 +250,8 @@ def site_gemm_triton(
     """Launch :func:`site_gemm_kernel`; same arguments as ``site_gemm_reference``.
 
     ``acts`` holds ``qx``, ``sx`` and, with the branches, ``hq``/``sh`` and ``gq``/``sg`` (from
-    :func:`site_quantize_triton` or the reference). ``out_dtype`` None = fp32 (the dtype of
-    ``acts["xt"]``, as in the reference). Activations must be quantized.
+    :func:`site_quantize_triton` or the reference). ``out_dtype`` None = fp32, as in the
+    reference. Activations must be quantized.
     """
     sizes, out_splits = p.sizes, p.out_splits
     cws_ranks, mac_ranks, branch_bits = branch_args(p)
@@ -268,8 +268,7 @@ def site_gemm_triton(
     d_out = int(sum(int(k) for k in out_splits))
     dev = qx.device
     if out_dtype is None:
-        xt = acts.get("xt")
-        out_dtype = xt.dtype if xt is not None else torch.float32
+        out_dtype = torch.float32
     out = torch.empty((n, d_out), dtype=out_dtype, device=dev)
     if n == 0 or d_out == 0:
         return out

@@ -8,7 +8,9 @@ Three stages, each a function of the input and the site's :class:`SiteParams` ``
    (N, d) fp32 in path order ``[vision | text | main]``.
 2. :func:`site_quantize_reference`: per token and path,
    ``s_p = max(absmax(xt_p) * act_clip[p], 1e-8) / qmax(a_bits[p])``, codes ``qx`` (N, d) int8
-   and scales ``sx`` (N, 3). Branch down-projections, for the ``M`` linears at once (their
+   and scales ``sx`` (N, 3), and each path's per-token code sums ``qsum`` (N, 3) int32 (a GEMM
+   over offset-coded weights ``u = q + 2^(b-1)`` subtracts ``2^(b-1) * qsum`` in its epilogue).
+   Branch down-projections, for the ``M`` linears at once (their
    ranks concatenated in ``L2`` = ``p.cws.down`` (R1, km) and ``L4`` = ``p.mac.down``):
 
    * CWS: ``h = (qx_m @ L2^T) * s_m * l2_scale`` (N, R1), quantized per token *per linear
@@ -87,12 +89,12 @@ def _down(br: SiteBranchParams, km: int) -> tuple[Tensor, Tensor]:
 def site_quantize_reference(xt: Tensor, p: SiteParams) -> Acts:
     """Stage 2: activation codes and scales, branch hidden codes (see the module doc).
 
-    Returns ``qx``, ``sx``, ``hq``, ``sh``, ``uq``, ``su``, ``gq``, ``sg`` (absent branches:
-    None) and ``xt`` (the transformed input, used by weight-only sites).
+    Returns ``qx``, ``sx``, ``qsum``, ``hq``, ``sh``, ``uq``, ``su``, ``gq``, ``sg`` (absent
+    branches: None) and ``xt`` (the transformed input, used by weight-only sites).
     """
     b = p.bounds
     km = b[3] - b[2]
-    out: Acts = dict.fromkeys(("qx", "sx", "hq", "sh", "uq", "su", "gq", "sg"))
+    out: Acts = dict.fromkeys(("qx", "sx", "qsum", "hq", "sh", "uq", "su", "gq", "sg"))
     out["xt"] = xt
     xm = xt[:, b[2] : b[3]]
     if p.quantized:
@@ -102,6 +104,7 @@ def site_quantize_reference(xt: Tensor, p: SiteParams) -> Acts:
             qs.append(q)
             ss.append(s)
         out["qx"], out["sx"] = torch.cat(qs, dim=1), torch.stack(ss, dim=1)
+        out["qsum"] = torch.stack([q.sum(dim=1, dtype=torch.int32) for q in qs], dim=1)
         q_m, s_m = qs[2], ss[2]
         dq_m = q_m.float() * s_m[:, None]
     else:
@@ -149,9 +152,10 @@ def site_gemm_reference(
 ) -> Tensor:
     """Stage 3: the concatenated GEMM over the three paths, branch up-projections, bias.
 
-    ``out_dtype`` None = fp32 (the dtype of ``acts["xt"]``)."""
+    ``acts`` needs ``qx`` and ``sx`` (``xt`` for weight-only sites); ``out_dtype`` None =
+    fp32."""
     b = p.bounds
-    xt = acts["xt"]
+    xt = acts["xt"] if not p.quantized else acts["qx"]
     y = torch.zeros(xt.shape[0], p.d_out, dtype=torch.float32, device=xt.device)
     for i in range(3):
         k = b[i + 1] - b[i]
@@ -170,7 +174,7 @@ def site_gemm_reference(
         y = _up(y, acts["gq"], acts["sg"], p.mac, p.out_splits, text_mask)
     if p.bias is not None:
         y = y + p.bias.float()[None, :]
-    return y.to(out_dtype if out_dtype is not None else xt.dtype)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 def site_linear_reference(
