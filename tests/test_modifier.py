@@ -112,3 +112,38 @@ def test_no_targets_is_a_clear_error(tmp_path):
     tiny = build_tiny_vlm("llava", hidden=64, layers=1, path=str(tmp_path))
     with pytest.raises(ValueError, match="found no language-model linears"):
         _oneshot(tiny, [SplitQModifier(targets=["re:.*nonexistent.*"], epochs=0)], n=2)
+
+
+def _owners(model) -> dict[str, SplitQSiteLinear]:
+    mods = model.named_modules()
+    return {n: m for n, m in mods if isinstance(m, SplitQSiteLinear) and m.is_owner}
+
+
+def test_site_rotations_depend_on_the_site_name_only(tmp_path):
+    """A site's initial rotations derive from the recipe's seed and its module name: leaving
+    layer 0 out (so the report records fewer sites before layer 1) does not change layer 1's
+    factors. With no training the stored factors are exactly the initial rotations."""
+    factors = []
+    for ignore in ([], ["re:.*layers\\.0\\..*"]):
+        tiny = build_tiny_vlm("llava", hidden=64, layers=2, path=str(tmp_path / str(len(ignore))))
+        mod = SplitQModifier(epochs=0, ignore=ignore, weight_rounding="rtn")
+        _oneshot(tiny, [mod], n=2)
+        owners = _owners(tiny.model)
+        factors.append({n: m.factors.clone() for n, m in owners.items() if ".layers.1." in n})
+    assert factors[0].keys() == factors[1].keys() and len(factors[0]) == 4
+    for name in factors[0]:
+        assert torch.equal(factors[0][name], factors[1][name]), name
+    a, b = (factors[0][n] for n in sorted(factors[0])[:2])
+    assert not torch.equal(a[: min(len(a), len(b))], b[: min(len(a), len(b))])  # per-site seeds
+
+
+def test_aux_bits_floor_reaches_the_branches(tmp_path):
+    """aux_bits_floor below 4 applies to the outlier paths and to the CWS/MAC branches."""
+    tiny = build_tiny_vlm("llava", hidden=64, layers=1, path=str(tmp_path))
+    mod = SplitQModifier(weight_bits=3, activation_bits=3, aux_bits_floor=3, epochs=0)
+    _oneshot(tiny, [mod], n=2)
+    for name, owner in _owners(tiny.model).items():
+        p = owner.params()
+        assert p.w_bits == (3, 3, 3) and p.a_bits == (3, 3, 3), name
+        for br in (p.cws, p.mac):
+            assert br is not None and br.w_bits == 3 and br.act_bits == 3, name

@@ -120,14 +120,37 @@ def test_only_gates_are_new_branch_parameters():
     assert not fixed.gate.requires_grad
 
 
-def test_branch_rejects_low_bits_and_factors_quantized_at_branch_bits():
-    with pytest.raises(ValueError, match="at least 4 bits"):
-        LowRankBranch(torch.randn(8, 8), QuantBranch(0.5, bits=3))
-    _, _, m = _make()
-    frozen = m.freeze()
-    for br in (frozen.cws, frozen.mac):
-        assert br.bits >= 4
-        assert br.down_int.dtype == torch.int8 and br.up_int.abs().max() <= 8
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_branch_factors_quantized_at_its_bits(bits):
+    """The recipe's floor reaches the branches: a 3-bit branch has 3-bit codes (4 is not
+    forced), and widths outside 2..8 are refused."""
+    br = LowRankBranch(torch.randn(16, 24), QuantBranch(0.5, bits=bits))
+    frozen = br.freeze()
+    qmax = 2 ** (bits - 1) - 1
+    assert frozen.bits == bits
+    for codes in (frozen.down_int, frozen.up_int):
+        assert codes.dtype == torch.int8
+        assert codes.min() >= -qmax - 1 and codes.max() <= qmax
+        assert codes.max() == qmax or codes.min() == -qmax - 1  # the full range is used
+    for bad in (1, 9):
+        with pytest.raises(ValueError, match="2 to 8 bits"):
+            LowRankBranch(torch.randn(8, 8), QuantBranch(0.5, bits=bad))
+
+
+def test_settings_bits_follow_the_floor():
+    from splitq_modifier.calibrate import SplitQSettings
+
+    cases = {  # (w, a, floor): (path weight bits, path act bits, branch bits)
+        (4, 4, 4): ((4, 4, 4), (4, 4, 4), 4),
+        (3, 2, 4): ((4, 4, 3), (4, 4, 2), 4),
+        (3, 3, 3): ((3, 3, 3), (3, 3, 3), 3),
+        (3, 2, 2): ((3, 3, 3), (2, 2, 2), 2),
+        (4, 8, 4): ((4, 4, 4), (8, 8, 8), 4),
+        (4, 16, 4): ((4, 4, 4), (None, None, None), 4),
+    }
+    for (w, a, f), (wb, ab, bb) in cases.items():
+        st = SplitQSettings(weight_bits=w, activation_bits=a, aux_bits_floor=f)
+        assert st.path_bits == (wb, ab) and st.branch_bits == bb, (w, a, f)
 
 
 def test_frozen_matches_calibration_forward():

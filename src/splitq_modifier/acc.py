@@ -48,7 +48,8 @@ class QuantBranch:
     """Configuration of one low-rank branch.
 
     :param rank_ratio: rank as a fraction of the main weight's full rank (``min(d_out, k)``)
-    :param bits: bits of the factors and of the branch's activations (>= 4 by the paper)
+    :param bits: bits of the factors and of the branch's hidden activations (the paper's
+        4-bit floor: ``SplitQSettings.branch_bits``)
     :param learn_gate: learn the gate (False = the paper's fixed-SVD appendix ablation)
     :param input: what the branch reads (MAC only; CWS always reads ``Q(X~)``):
         ``"residual"`` or ``"act"``
@@ -152,8 +153,8 @@ class LowRankBranch(nn.Module):
         svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ):
         super().__init__()
-        if cfg.bits < 4:
-            raise ValueError(f"low-rank branches use at least 4 bits, got {cfg.bits}")
+        if not 2 <= cfg.bits <= 8:
+            raise ValueError(f"low-rank branches use 2 to 8 bits, got {cfg.bits}")
         self.cfg = cfg
         w = w_main.detach().float()
         r = branch_rank(cfg.rank_ratio, *w.shape)

@@ -7,9 +7,10 @@ modules (:mod:`.mocd`, :mod:`.transforms`, :mod:`.acc`, :mod:`.split_linear`,
 1. calibration pass (hooks): the input embedding's pre-hook records which tokens are vision
    or text; each site's first linear feeds MOCD statistics; the decoder layer's hooks cache
    its FP inputs and outputs;
-2. ``SEQUENTIAL_EPOCH_END``: MOCD selects the channels of each site, the linears become
-   :class:`SplitQLinear` (per-path transforms, clipping, CWS/MAC branches), the layer is
-   trained on reconstruction loss, then frozen into :class:`FrozenSplitQLinear`;
+2. ``SEQUENTIAL_EPOCH_END``: the layer, its sites (with their statistics), its cached
+   samples and the recipe's settings go to :func:`splitq_modifier.calibrate.calibrate_layer`
+   once, which selects the channels, trains and freezes the layer into runtime modules;
+   the result is recorded in the report (:class:`splitq_modifier.report.CalibrationReport`);
 3. the pipeline propagates the quantized layer's outputs to the next layer.
 
 Sample recipe::
@@ -23,7 +24,6 @@ Sample recipe::
 
 from __future__ import annotations
 
-import time
 from typing import Literal
 
 import torch
@@ -35,7 +35,6 @@ from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from splitq_modifier import checks
-from splitq_modifier.acc import QuantBranch
 from splitq_modifier.arch import (
     ArchSpec,
     find_sites,
@@ -44,46 +43,23 @@ from splitq_modifier.arch import (
     is_vision_layer,
     vision_token_ids,
 )
-from splitq_modifier.calibrate import LayerSample, TrainConfig, layer_output, train_layer
-from splitq_modifier.distributed import (
-    all_reduce_sums,
-    all_reduce_tensor,
-    sample_digest,
-    warn_on_overlap,
+from splitq_modifier.calibrate import (
+    LayerSample,
+    Site,
+    SplitQSettings,
+    calibrate_layer,
+    layer_output,
 )
-from splitq_modifier.layout import SitePlan, plan_for_sizes, plan_site
-from splitq_modifier.mocd import SELECTION_RULES, ChannelStats, select_channels
-from splitq_modifier.rounding import HessianAccumulator
+from splitq_modifier.distributed import sample_digest, warn_on_overlap
+from splitq_modifier.mocd import SELECTION_RULES, ChannelStats
+from splitq_modifier.report import CalibrationReport
 from splitq_modifier.runtime import ModalityContext, attach_modality_context
-from splitq_modifier.split_linear import (
-    ChannelSplit,
-    SplitQLinear,
-    SplitSite,
-    cached_weights,
-    freeze_site,
-)
 
 __all__ = ["SplitQModifier"]
 
 #: Decoder-layer kwargs holding a KV cache: replays must not append to (and backpropagate
 #: through) a cache shared between samples.
 _CACHE_KWARGS = ("past_key_values", "past_key_value")
-
-
-class _Site:
-    """Calibration bookkeeping of one activation site (not a module)."""
-
-    def __init__(
-        self,
-        name: str,
-        linears: list[tuple[str, torch.nn.Linear]],
-        stats: ChannelStats,
-        vision: bool = False,
-    ):
-        self.name = name
-        self.linears = linears
-        self.stats = stats
-        self.vision = vision  # a vision-encoder site: every token is vision
 
 
 class SplitQModifier(Modifier):
@@ -95,7 +71,8 @@ class SplitQModifier(Modifier):
     :param ignore: modules to leave in full precision
     :param weight_bits: main-path weight bits
     :param activation_bits: main-path activation bits (16 = activations not quantized)
-    :param aux_bits_floor: minimum bits of the outlier paths and low-rank branches (paper: 4)
+    :param aux_bits_floor: minimum bits of the outlier paths (``max(nominal, floor)``) and of
+        the low-rank branches (``max(floor, min(weight_bits, activation_bits))``); paper: 4
     :param vision_outlier_ratio: fraction of channels on the vision-outlier path
     :param text_outlier_ratio: fraction of channels on the text-outlier path
     :param channel_multiple: outlier-path widths are multiples of this (kernel K tiles and
@@ -161,12 +138,11 @@ class SplitQModifier(Modifier):
     _context: ModalityContext = PrivateAttr(default_factory=ModalityContext)
     _masks: dict[int, tuple[torch.Tensor, torch.Tensor]] = PrivateAttr(default_factory=dict)
     _layers: dict[torch.nn.Module, str] = PrivateAttr(default_factory=dict)
-    _sites: dict[torch.nn.Module, list[_Site]] = PrivateAttr(default_factory=dict)
+    _sites: dict[torch.nn.Module, list[Site]] = PrivateAttr(default_factory=dict)
     _cache: dict[torch.nn.Module, list[LayerSample]] = PrivateAttr(default_factory=dict)
     _pending: dict[torch.nn.Module, tuple] = PrivateAttr(default_factory=dict)
-    _report: dict[str, dict] = PrivateAttr(default_factory=dict)
+    _report: CalibrationReport = PrivateAttr(default_factory=CalibrationReport)
     _digests: list[str] | None = PrivateAttr(default_factory=list)
-    _channel_max: dict[str, tuple[torch.Tensor, torch.Tensor]] = PrivateAttr(default_factory=dict)
     _vision_layers: set[torch.nn.Module] = PrivateAttr(default_factory=set)
     _guard: checks.CalibrationGuard = PrivateAttr(default_factory=checks.CalibrationGuard)
 
@@ -207,7 +183,7 @@ class SplitQModifier(Modifier):
                 if vision:
                     self._vision_layers.add(module)
                 self._sites[module] = [
-                    _Site(
+                    Site(
                         s, lins, ChannelStats(lins[0][1].in_features, self.max_text_tokens), vision
                     )
                     for s, lins in sites.items()
@@ -326,7 +302,7 @@ class SplitQModifier(Modifier):
             sample = sample.to(self.cache_device)
         self._cache.setdefault(layer, []).append(sample)
 
-    def _stats_hook(self, site: _Site):
+    def _stats_hook(self, site: Site):
         def hook(module: torch.nn.Module, args: tuple) -> None:
             x = args[0]
             idx = active_session().state.current_batch_idx
@@ -338,200 +314,54 @@ class SplitQModifier(Modifier):
         return hook
 
     # ---------------------------------------------------------------- the method
-    def _bits(self) -> tuple[tuple[int, int, int], tuple[int | None, int | None, int | None]]:
-        floor = self.aux_bits_floor
-        wb = (max(self.weight_bits, floor), max(self.weight_bits, floor), self.weight_bits)
-        ab = None if self.activation_bits >= 16 else self.activation_bits
-        aux = None if ab is None else max(ab, floor)
-        return wb, (aux, aux, ab)
-
-    def _plan(self, site: _Site) -> tuple[ChannelSplit, SitePlan]:
-        """The site's channel split and path layout (aligned counts, balanced factors)."""
-        site.stats.all_reduce()
-        d = site.stats.dim
-        outs = [lin.out_features for _, lin in site.linears]
-        if self.channel_selection == "none":
-            return ChannelSplit.none(d), plan_site(d, outs, 0.0, 0.0, self.channel_multiple)
-        text_ratio = 0.0 if site.vision else self.text_outlier_ratio
-        plan = plan_site(d, outs, self.vision_outlier_ratio, text_ratio, self.channel_multiple)
-        v, t, m = select_channels(
-            site.stats,
-            self.channel_selection,
-            self.vision_outlier_ratio,
-            text_ratio,
-            num_clusters=self.num_clusters,
-            seed=self.seed,
-            counts=plan.sizes[:2],
-        )
-        split = ChannelSplit(v.cpu(), t.cpu(), m.cpu())
-        if split.sizes != plan.sizes:  # a modality was missing: fewer outlier channels
-            plan = plan_for_sizes(split.sizes, outs)
-        return split, plan
-
-    def _smoothing(self, site: _Site) -> torch.Tensor:
-        """SmoothQuant-style init of ``c``: ``w_max^(1-a) / x_max^a`` per input channel."""
-        x_max = torch.maximum(site.stats.vision_max, site.stats.text_max).float().cpu()
-        w_max = torch.stack(
-            [lin.weight.detach().abs().amax(dim=0).float().cpu() for _, lin in site.linears]
-        ).amax(dim=0)
-        a = self.smooth_alpha
-        c = w_max.clamp(min=1e-5).pow(1 - a) / x_max.clamp(min=1e-5).pow(a)
-        return c.clamp(min=1e-4, max=1e4)
-
-    def _branch(self, ratio: float, **kw) -> QuantBranch | None:
-        if ratio <= 0:
-            return None
-        return QuantBranch(ratio, max(self.aux_bits_floor, 4), self.learn_gates, **kw)
+    def settings(self) -> SplitQSettings:
+        """The recipe's method settings, as the calibration module takes them."""
+        return SplitQSettings(**{f: getattr(self, f) for f in SplitQSettings.__dataclass_fields__})
 
     def _quantize_layer(self, layer: torch.nn.Module) -> None:
+        """Hand the layer, its sites and cached samples to :func:`calibrate_layer` once."""
         if self._digests is not None:
             warn_on_overlap(self._digests)  # data parallel: are the ranks' shares disjoint?
             self._digests = None
         name = self._layers[layer]
         samples = self._cache.pop(layer, [])
-        checks.check_linear_weights(lin for site in self._sites[layer] for lin in site.linears)
+        sites = self._sites[layer]
+        checks.check_linear_weights(lin for site in sites for lin in site.linears)
         self._guard.require_samples(name, len(samples), active_session().state.model)
-        wbits, abits = self._bits()
-        device = next(layer.parameters()).device
-        for p in layer.parameters():
-            p.requires_grad_(False)
-        swapped: list[tuple] = []  # (site, parent, attribute names, SplitQLinears, originals)
-        layouts = []
-        clock = {"select": 0.0, "build": 0.0}
-        for site in self._sites[layer]:
-            t0 = time.perf_counter()
-            split, plan = self._plan(site)
-            smooth = self._smoothing(site)
-            t1 = time.perf_counter()
-            clock["select"] += t1 - t0
-            self._report[f"{name}.{site.name}"] = {
-                "vision": split.vision.tolist(),
-                "text": split.text.tolist(),
-                "dim": sum(split.sizes),
-                **plan.to_dict(),
-                "linears": [n[len(name) + 1 :] for n, _ in site.linears],
-                "num_vision_tokens": site.stats.num_vision_tokens,
-                "num_text_tokens": site.stats.num_text_tokens,
-            }
-            self._channel_max[f"{name}.{site.name}"] = (
-                site.stats.vision_max.detach().float().cpu(),
-                site.stats.text_max.detach().float().cpu(),
-            )
-            layouts.append(f"{site.name} {'/'.join(map(str, plan.sizes))}")
-            seed = self.seed + 3 * len(self._report) if self.rotation_init else None
-            ss = SplitSite(split, abits, smooth, self.learn_transforms, seed, plan.dims).to(device)
-            parents, attrs, qs = [], [], []
-            for lin_name, lin in site.linears:
-                q = SplitQLinear(
-                    lin,
-                    ss,
-                    wbits,
-                    cws=self._branch(self.cws_rank_ratio),
-                    mac=None
-                    if site.vision  # MAC corrects text tokens only
-                    else self._branch(self.mac_rank_ratio, input=self.mac_input),
-                    context=self._context,
-                ).to(device)
-                parent, attr = _parent(layer, lin_name[len(name) + 1 :])
-                setattr(parent, attr, q)
-                parents.append(parent)
-                attrs.append(attr)
-                qs.append(q)
-            if any(p is not parents[0] for p in parents):
-                raise ValueError(
-                    f"SplitQ site {name}.{site.name}: its linears {attrs} must share one parent "
-                    "module (fix the site table in splitq_modifier.arch)"
-                )
-            swapped.append((ss, parents[0], attrs, qs, [lin for _, lin in site.linears]))
-            site.stats = None  # free the statistics
-            clock["build"] += time.perf_counter() - t1
-        cfg = TrainConfig(self.epochs, self.lr, self.clip_lr_multiplier, self.batch_size, self.seed)
-        snapshot = checks.trainable_snapshot(layer)
-        t0 = time.perf_counter()
         with HooksMixin.disable_hooks():
-            before, after = train_layer(layer, samples, cfg, self._set_mask, desc=f"SplitQ {name}")
-        after = checks.restore_if_diverged(layer, snapshot, name, before, after)
-        t1 = time.perf_counter()
-        hessians = self._hessians(layer, samples, swapped) if self.weight_rounding == "gptq" else {}
-        for ss, parent, attrs, qs, originals in swapped:
-            frozen_site = freeze_site(ss, qs, attrs, self._context, hessians.get(id(ss)))
-            checks.check_frozen_site(f"{name}.{_relative(layer, parent)}{attrs[0]}", frozen_site[0])
-            for attr, frozen in zip(attrs, frozen_site):
-                _offload_like(frozen, originals[0])
-                setattr(parent, attr, frozen)
-        clock.update(train=t1 - t0, freeze=time.perf_counter() - t1)
-        self._context.text_mask = None
-        self._report[name] = {
-            "loss_before": before,
-            "loss_after": after,
-            "seconds": {k: round(v, 3) for k, v in clock.items()},
-            "kind": "vision" if layer in self._vision_layers else "language",
-        }
+            result = calibrate_layer(
+                layer, name, sites, samples, self.settings(), self._context, _offload_like
+            )
+        kind = "vision" if layer in self._vision_layers else "language"
+        self._report.add_layer(name, kind, result)
+        layouts = ", ".join(f"{s.name} {'/'.join(map(str, s.plan.sizes))}" for s in result.sites)
         logger.info(
-            f"SplitQ {name}: paths v/t/m {', '.join(layouts)}; relative output error "
-            f"{before:.4g} -> {after:.4g}; " + ", ".join(f"{k} {v:.1f} s" for k, v in clock.items())
+            f"SplitQ {name}: paths v/t/m {layouts}; relative output error "
+            f"{result.loss_before:.4g} -> {result.loss_after:.4g}; "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
         )
-
-    @torch.no_grad()
-    def _hessians(self, layer, samples: list[LayerSample], swapped: list) -> dict:
-        """Per site (``id`` of its SplitSite): per path, the normalised Hessian of the path's
-        quantized transformed activations over the layer's samples (all ranks)."""
-        accs, handles = {}, []
-        for ss, _, _, qs, _ in swapped:
-            acc = accs[id(ss)] = [HessianAccumulator() for _ in range(3)]
-
-            def hook(module, args, ss=ss, acc=acc):
-                xq = ss.quantize_act(ss.split_act(args[0]))
-                for p in range(3):
-                    acc[p].add(xq[p])
-
-            handles.append(qs[0].register_forward_pre_hook(hook))
-        device = next(layer.parameters(), torch.empty(0)).device
-        try:
-            with HooksMixin.disable_hooks(), cached_weights():
-                for s in samples:
-                    s = s.to(device)
-                    self._set_mask(s.text_mask)
-                    layer(*s.args, **s.kwargs)
-        finally:
-            for h in handles:
-                h.remove()
-        out = {}
-        for key, acc in accs.items():
-            hs = []
-            for a in acc:
-                if a.h is None:
-                    hs.append(None)
-                    continue
-                n = all_reduce_sums([float(a.count)])[0]
-                hs.append(all_reduce_tensor(a.h) * (2.0 / max(n, 1.0)))
-            out[key] = hs
-        return out
-
-    def _set_mask(self, mask: torch.Tensor | None) -> None:
-        self._context.text_mask = mask
 
     def _skipped(self, layer: torch.nn.Module) -> bool:
         """A decoder layer the pipeline ran, not calibrated, with no cached batch."""
         return (
             layer in self._sites
-            and self._layers[layer] not in self._report
+            and self._layers[layer] not in self._report.layers
             and bool(self._guard.bad)
         )
 
     def _done_layers(self) -> set[torch.nn.Module]:
-        return {m for m, n in self._layers.items() if n in self._report}
+        return {m for m, n in self._layers.items() if n in self._report.layers}
 
     @property
     def report(self) -> dict[str, dict]:
         """Per site: selected vision/text channels, realised path widths and factors, token
-        counts; per layer: output error before/after."""
-        return dict(self._report)
+        counts; per layer: output error before/after (:class:`CalibrationReport`)."""
+        return self._report.entries()
 
     @property
     def channel_max(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per site: per-channel max ``|x|`` over vision and over text tokens (CPU)."""
-        return dict(self._channel_max)
+        return dict(self._report.channel_max)
 
     def write_report(self, directory: str, plots: bool = True) -> str:
         """Write the diagnostics report (JSON, channel maxima, PNG plots with matplotlib)
@@ -539,16 +369,6 @@ class SplitQModifier(Modifier):
         from splitq_modifier.report import collect, write_report
 
         return write_report(directory, *collect(self), plots=plots)
-
-
-def _relative(root: torch.nn.Module, module: torch.nn.Module) -> str:
-    """``"self_attn."``: the path of ``module`` inside ``root`` with a trailing dot."""
-    return next((f"{n}." if n else "" for n, m in root.named_modules() if m is module), "")
-
-
-def _parent(root: torch.nn.Module, path: str) -> tuple[torch.nn.Module, str]:
-    parent_path, _, attr = path.rpartition(".")
-    return (root.get_submodule(parent_path) if parent_path else root), attr
 
 
 def _offload_like(module: torch.nn.Module, original: torch.nn.Module) -> None:

@@ -30,6 +30,7 @@ import torch
 from loguru import logger
 
 __all__ = [
+    "CalibrationReport",
     "REPORT_DIR",
     "attach_report",
     "collect",
@@ -57,6 +58,50 @@ _LIFECYCLE_FIELDS = {
     "requires_calibration_data",
     "report_plots",
 }
+
+
+class CalibrationReport:
+    """What a SplitQ calibration chose and achieved, filled layer by layer.
+
+    ``entries()`` is the flat view ``SplitQModifier.report`` returns: per site
+    (``"<layer>.<site>"``) the selected channels, the realised path widths and factors, the
+    token counts; per layer (``"<layer>"``) the relative output error before/after training,
+    the seconds per phase and the kind (language or vision).
+    """
+
+    def __init__(self) -> None:
+        self.sites: dict[str, dict] = {}
+        self.layers: dict[str, dict] = {}
+        self.channel_max: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def add_layer(self, name: str, kind: str, result: Any) -> None:
+        """Record a :class:`splitq_modifier.calibrate.LayerResult` of layer ``name``."""
+        for site in result.sites:
+            key = f"{name}.{site.name}"
+            self.sites[key] = {
+                "vision": site.split.vision.tolist(),
+                "text": site.split.text.tolist(),
+                "dim": sum(site.split.sizes),
+                **site.plan.to_dict(),
+                "linears": list(site.linears),
+                "num_vision_tokens": site.num_vision_tokens,
+                "num_text_tokens": site.num_text_tokens,
+            }
+            self.channel_max[key] = (site.vision_max, site.text_max)
+        self.layers[name] = {
+            "loss_before": result.loss_before,
+            "loss_after": result.loss_after,
+            "seconds": {k: round(v, 3) for k, v in result.seconds.items()},
+            "kind": kind,
+        }
+
+    def entries(self) -> dict[str, dict]:
+        """Sites and layers in one dict, in calibration order (sites before their layer)."""
+        out: dict[str, dict] = {}
+        for layer, entry in self.layers.items():
+            out.update({k: v for k, v in self.sites.items() if k.rpartition(".")[0] == layer})
+            out[layer] = entry
+        return out
 
 
 def _settings(modifier: Any) -> dict:

@@ -13,12 +13,15 @@ qmax). The GPTQ update itself is llm-compressor's (``modifiers.gptq.gptq_quantiz
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from collections.abc import Callable, Sequence
 
+import torch
+from torch import Tensor, nn
+
+from splitq_modifier.distributed import all_reduce_sums, all_reduce_tensor
 from splitq_modifier.quant import qmax
 
-__all__ = ["HessianAccumulator", "gptq_round"]
+__all__ = ["HessianAccumulator", "collect_hessians", "gptq_round"]
 
 
 class HessianAccumulator:
@@ -70,3 +73,50 @@ def gptq_round(
     )  # fmt: skip
     codes = torch.clamp(torch.round(q[0] / scale[:, None]), -qm - 1, qm).to(torch.int8)
     return codes, scale
+
+
+@torch.no_grad()
+def collect_hessians(
+    layer: nn.Module,
+    samples: Sequence,
+    sites: Sequence[tuple[nn.Module, nn.Module]],
+    set_mask: Callable[[Tensor | None], None],
+) -> list[list[Tensor | None]]:
+    """Per site, per path: the normalised Hessian ``2 H / n`` of the path's quantized
+    transformed activations over the layer's samples (summed over data-parallel ranks).
+
+    :param sites: ``(SplitSite, one of its SplitQLinears)`` per site: a pre-hook on the
+        linear sees the site's input
+    :param samples: the layer's cached :class:`~splitq_modifier.calibrate.LayerSample` s
+    :param set_mask: sets the text mask of the sample being run
+    """
+    from splitq_modifier.split_linear import cached_weights
+
+    accs = [[HessianAccumulator() for _ in range(3)] for _ in sites]
+    handles = []
+    for (site, linear), acc in zip(sites, accs):
+
+        def hook(module, args, site=site, acc=acc):
+            xq = site.quantize_act(site.split_act(args[0]))
+            for p in range(3):
+                acc[p].add(xq[p])
+
+        handles.append(linear.register_forward_pre_hook(hook))
+    device = next(layer.parameters(), torch.empty(0)).device
+    try:
+        with cached_weights():
+            for s in samples:
+                s = s.to(device)
+                set_mask(s.text_mask)
+                layer(*s.args, **s.kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    for acc in accs:
+        hs = []
+        for a in acc:
+            n = all_reduce_sums([float(a.count)])[0]
+            hs.append(None if a.h is None else all_reduce_tensor(a.h) * (2.0 / max(n, 1.0)))
+        out.append(hs)
+    return out
