@@ -80,8 +80,10 @@ def test_ddp_matches_single_process(ddp_run, tmp_path):
             assert r0["report"][key]["vision"] == entry["vision"], key
             assert r0["report"][key]["text"] == entry["text"], key
         elif key.endswith("layers.0"):  # the first layer starts from the same error (same
-            # inputs, same init); later layers' inputs come from differently trained layers
-            assert r0["report"][key]["loss_before"] == pytest.approx(entry["loss_before"])
+            # inputs, same init; the ranks run one thread, so fp32 sums differ in order and a
+            # rare quantization code flips); later layers' inputs come from differently
+            # trained layers
+            assert r0["report"][key]["loss_before"] == pytest.approx(entry["loss_before"], 1e-3)
     ddp_model = AutoModelForImageTextToText.from_pretrained(str(root / "q"))
     evals = synthetic_samples(tiny, 8, seed=11)
     single_kl = fidelity(fp, tiny.model, evals, tiny.image_token_id)["kl_all"]

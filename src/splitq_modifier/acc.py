@@ -1,6 +1,6 @@
 """ACC: adaptive cross-modal calibration of the main path with gated low-rank branches.
 
-Both branches share one parameterisation (paper section 4.3, DESIGN.md 1.4): the truncated
+Both branches share one parameterisation (paper section 4.3): the truncated
 SVD of the transformed main weight ``W~ = U S V^T`` is computed once and frozen; only a gate
 ``g`` (one value per kept singular direction) is learned, so a branch is
 ``B(g) = U_r diag(g) S_r V_r^T``. It runs as two quantized factors: ``down = sqrt(S_r) V_r^T``

@@ -99,7 +99,7 @@ class SplitQPackedCompressor(BaseCompressor):
     def decompress(
         cls, state_dict: dict[str, torch.Tensor], scheme: QuantizationScheme
     ) -> dict[str, torch.Tensor]:
-        """Identity: the packed tensors are the runtime form (the ``splitq::linear`` op reads
+        """Identity: the packed tensors are the runtime form (the ``splitq::site_linear`` op reads
         them), and no dense ``nn.Linear`` weight reproduces a SplitQ linear."""
         LinearSpec.from_scheme(scheme)
         return dict(state_dict)
