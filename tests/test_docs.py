@@ -1,0 +1,38 @@
+"""The docs match the code: every recipe field is in the README's table, the package and
+the distribution agree on the version, no source cites a file users do not have."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import pathlib
+import re
+
+import splitq_modifier
+from splitq_modifier import SplitQModifier
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+#: llm-compressor's own modifier fields (lifecycle, grouping), not SplitQ settings.
+_LIFECYCLE = {"index", "group", "start", "end", "update", "requires_calibration_data"}
+
+
+def test_readme_recipe_table_lists_every_field() -> None:
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("### Recipe fields", 1)[1].split("\n\n", 2)[1]
+    documented = set()
+    for row in table.splitlines()[2:]:
+        documented |= set(re.findall(r"`([a-z_]+)`", row.split("|")[1]))
+    fields = {f for f in SplitQModifier.model_fields if not f.endswith("_")} - _LIFECYCLE
+    assert fields - documented == set(), "recipe fields missing from README's table"
+    assert documented - fields == set(), "README's table names fields that do not exist"
+
+
+def test_one_version() -> None:
+    assert importlib.metadata.version("splitq-modifier") == splitq_modifier.__version__
+
+
+def test_no_source_cites_the_internal_design_notes() -> None:
+    cites = []
+    for path in [*ROOT.glob("src/**/*.py"), *ROOT.glob("kernels/*.py"), *ROOT.glob("docs/*.md")]:
+        if "DESIGN.md" in path.read_text():
+            cites.append(str(path.relative_to(ROOT)))
+    assert cites == []
