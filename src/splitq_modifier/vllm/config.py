@@ -47,6 +47,7 @@ from splitq_modifier.format.guard import (
     is_encoded,
 )
 from splitq_modifier.format.spec import SPEC_KEY, LinearSpec, SplitQFormatError, is_splitq_scheme
+from splitq_modifier.vllm.packing import check_unpacking
 
 __all__ = ["METHOD_NAME", "SplitQConfig", "SplitQGroup", "register_config"]
 
@@ -78,6 +79,12 @@ class SplitQGroup:
 def _splitq_groups(qc: dict) -> dict[str, dict]:
     """The SplitQ config groups of a decoded ``quantization_config`` dict."""
     return {k: g for k, g in (qc.get("config_groups") or {}).items() if is_splitq_scheme(g)}
+
+
+def _spec_bits(spec: LinearSpec) -> set[int]:
+    bits = {int(b) for b, k in zip(spec.weight_bits, spec.sizes) if k}
+    bits |= {int(br.bits) for br in (spec.cws, spec.mac) if br is not None}
+    return bits
 
 
 def _parse_group(name: str, group: dict) -> SplitQGroup:
@@ -166,6 +173,7 @@ class SplitQConfig(QuantizationConfig):
         if not splitq:
             raise SplitQFormatError("quantization_config has no splitq-packed config groups")
         groups = [_parse_group(name, g) for name, g in splitq.items()]
+        check_unpacking(set().union(*(_spec_bits(g.spec) for g in groups)))
         rest = copy.deepcopy(qc)
         rest["config_groups"] = {k: g for k, g in qc["config_groups"].items() if k not in splitq}
         return cls(groups, CompressedTensorsConfig.from_config(rest))

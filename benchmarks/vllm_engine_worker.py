@@ -1,0 +1,203 @@
+"""The vLLM side of ``benchmarks/vllm_engine.py`` (runs with the vLLM environment's python).
+
+Subcommands, each printing one ``RESULT{json}`` line:
+
+- ``stock DIR``: what a stock vLLM (this plugin not importable) does with the checkpoint:
+  ``LLM(DIR)``'s exception, and vLLM's compressed-tensors config parser on its
+  ``quantization_config``;
+- ``engine DIR [--eager] [--tp N] [--sites FILE OUT]``: ``LLM(DIR).generate`` of the
+  prompts (greedy, top-5 logprobs, fp32); with ``--sites`` (one in-process engine), also run
+  every SplitQ layer of the loaded model on the inputs in ``FILE`` twice: with the mask of
+  a text-only step, and after vLLM's multimodal embedding step
+  (``SupportsMultiModal.embed_input_ids`` with the synthetic ``is_multimodal`` of ``FILE``)
+  marked the vision positions; the outputs go to ``OUT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _stock_parser(path: str) -> str:
+    """What vLLM's own compressed-tensors config parser (the one a stock vLLM picks for
+    ``quant_method: compressed-tensors``) raises for the checkpoint's config."""
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
+        CompressedTensorsConfig,
+    )
+
+    with open(os.path.join(path, "config.json")) as f:
+        qc = json.load(f)["quantization_config"]
+    try:
+        CompressedTensorsConfig.from_config(qc)
+        return "accepted"
+    except Exception as e:  # what it raises is the result
+        return f"{type(e).__name__}: {e}"
+
+
+def _stock(path: str) -> dict:
+    parser = _stock_parser(path)
+    from vllm import LLM
+
+    try:
+        LLM(path, skip_tokenizer_init=True, enforce_eager=True, dtype="float32",
+            max_model_len=64)  # fmt: skip
+        error = "loaded"
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+    import importlib.util
+
+    return {
+        "error": error,
+        "parser": parser,
+        "plugin_importable": importlib.util.find_spec("splitq_modifier") is not None,
+    }
+
+
+def _site_check(sites_file: str, out_file: str):
+    """A function for ``LLM.apply_model``: run the model's SplitQ layers on the inputs."""
+
+    def run(model):
+        import torch
+        from torch import nn
+        from vllm.model_executor.models.interfaces import SupportsMultiModal
+
+        from splitq_modifier.vllm.linear import SplitQLinearMethod
+        from splitq_modifier.vllm.modality import MASK_BUFFER, attach_text_mask
+
+        data = torch.load(sites_file, weights_only=False)
+        layers = {
+            n: m
+            for n, m in model.named_modules()
+            if isinstance(getattr(m, "quant_method", None), SplitQLinearMethod)
+        }
+
+        def outputs() -> dict:
+            with torch.no_grad():
+                res = {}
+                for name, x in data["x"].items():
+                    y = layers[name](x)
+                    res[name] = (y[0] if isinstance(y, tuple) else y).clone()
+                return res
+
+        class TinyMultimodal(nn.Module, SupportsMultiModal):
+            """vLLM's multimodal embedding step around the loaded language model."""
+
+            def __init__(self, lm: nn.Module) -> None:
+                super().__init__()
+                self.lm = lm
+
+            def get_language_model(self) -> nn.Module:
+                return self.lm
+
+        mm = TinyMultimodal(model)
+        attached = attach_text_mask(mm)
+        masks = {n: getattr(m, MASK_BUFFER, None) for n, m in layers.items()}
+        text = outputs()
+        ids, is_mm = data["input_ids"], data["is_multimodal"]
+        mm_embeds = [data["mm_embeds"]]
+        with torch.no_grad():
+            embeds = mm.embed_input_ids(ids, mm_embeds, is_multimodal=is_mm)
+        n = ids.shape[0]
+        buf = next(b for b in masks.values() if b is not None)
+        after_mm = buf[:n].clone()
+        masked = outputs()
+        with torch.no_grad():
+            mm.embed_input_ids(ids)  # a text-only step (e.g. decode): no positions
+        after_text = buf[:n].clone()
+        torch.save(
+            {
+                "text": text,
+                "masked": masked,
+                "mask_after_mm_step": after_mm,
+                "mask_after_text_step": after_text,
+                "merged_ok": bool(torch.equal(embeds[is_mm], data["mm_embeds"])),
+                "layer_types": {n: type(m).__name__ for n, m in layers.items()},
+                "shared_mask": len({id(b) for b in masks.values() if b is not None}) == 1,
+                "attached": attached,
+            },
+            out_file,
+        )
+        return sorted(layers)
+
+    return run
+
+
+def _engine(a: argparse.Namespace) -> dict:
+    t0 = time.time()
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(
+        a.path,
+        skip_tokenizer_init=True,
+        enforce_eager=a.eager,
+        dtype="float32",
+        max_model_len=64,
+        max_num_seqs=4,
+        max_num_batched_tokens=64,
+        tensor_parallel_size=a.tp,
+        seed=0,
+    )
+    t1 = time.time()
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in json.loads(a.prompts)]
+    params = SamplingParams(max_tokens=a.max_tokens, temperature=0.0, logprobs=5,
+                            detokenize=False)  # fmt: skip
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    t2 = time.time()
+    res = {
+        "outputs": [
+            {
+                "tokens": list(o.outputs[0].token_ids),
+                "logprobs": [
+                    {int(k): float(v.logprob) for k, v in step.items()}
+                    for step in o.outputs[0].logprobs
+                ],
+            }
+            for o in outs
+        ],
+        "start_s": t1 - t0,
+        "gen_s": t2 - t1,
+        "quantization": llm.llm_engine.vllm_config.model_config.quantization,
+    }
+    if a.sites:
+        res["sites"] = llm.apply_model(_site_check(*a.sites))[0]
+        res["stock_parser"] = _stock_parser(a.path)
+        res["unpacking"] = _unpacking()
+    return res
+
+
+def _unpacking() -> dict:
+    """Per bit width: does the runtime read the format's packed codes here (``ok``), or
+    what the plugin says when a checkpoint uses that width."""
+    from splitq_modifier.vllm.packing import check_unpacking
+
+    out = {}
+    for b in (2, 3, 4, 8):
+        try:
+            check_unpacking({b})
+            out[b] = "ok"
+        except ValueError as e:
+            out[b] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("cmd", choices=["stock", "engine"])
+    ap.add_argument("path")
+    ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--prompts", default="[[5, 17, 33]]")
+    ap.add_argument("--sites", nargs=2, default=None, metavar=("FILE", "OUT"))
+    a = ap.parse_args()
+    res = _stock(a.path) if a.cmd == "stock" else _engine(a)
+    print("RESULT" + json.dumps(res), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
