@@ -164,13 +164,13 @@ def compare(ref: list[dict], got: list[dict]) -> dict:
 
 
 # ------------------------------------------------------------------------------ vLLM side
-def vllm_python() -> str:
-    """The vLLM environment's python (``.ci/vllm-env`` builds it once, then reuses it)."""
-    proc = subprocess.run(
-        ["bash", str(ROOT / ".ci" / "vllm-env")], capture_output=True, text=True, check=False
-    )
+def vllm_python(build: bool = True) -> str:
+    """The vLLM environment's python: ``.ci/vllm-env`` builds it once (a few minutes) and
+    reuses it after; with ``build=False`` only an existing environment is used."""
+    cmd = ["bash", str(ROOT / ".ci" / "vllm-env")] + ([] if build else ["--check"])
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f".ci/vllm-env failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(proc.stderr.strip()[-3000:])
     return proc.stdout.strip().splitlines()[-1]
 
 

@@ -22,8 +22,9 @@ parallelism runs once (``python benchmarks/vllm_engine.py`` runs every combinati
    processes), eager, tensor-parallel (2 ranks: column- and row-parallel sites sharded, the
    single kv head replicated), against the same reference.
 
-Without the vLLM environment the engine tests are skipped, unless ``SPLITQ_REQUIRE_VLLM=1``
-(``.ci/run`` sets it) turns that into a failure.
+Without the vLLM environment (build it with ``.ci/vllm-env``) the engine tests are skipped,
+unless ``SPLITQ_REQUIRE_VLLM=1`` (``.ci/run`` sets it, after building it) turns that into a
+failure.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def test_format_packing_definition_is_the_runtimes():
 @pytest.fixture(scope="module")
 def vllm_python():
     try:
-        return ve.vllm_python()
+        return ve.vllm_python(build=False)
     except RuntimeError as e:
         if os.environ.get("SPLITQ_REQUIRE_VLLM") == "1":
             raise
