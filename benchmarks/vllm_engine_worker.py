@@ -135,7 +135,7 @@ def _engine(a: argparse.Namespace) -> dict:
         a.path,
         skip_tokenizer_init=True,
         enforce_eager=a.eager,
-        dtype="float32",
+        dtype=a.dtype,
         max_model_len=64,
         max_num_seqs=4,
         max_num_batched_tokens=64,
@@ -191,6 +191,7 @@ def main() -> None:
     ap.add_argument("path")
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--dtype", default="float32")
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--prompts", default="[[5, 17, 33]]")
     ap.add_argument("--sites", nargs=2, default=None, metavar=("FILE", "OUT"))

@@ -39,20 +39,3 @@ def register() -> None:
 
     register_config(SplitQConfig)
     install_loader_hook()
-    _request_amx()
-
-
-def _request_amx() -> None:
-    """On x86 CPUs with AMX, ask the kernel for AMX tile state in this process.
-
-    vLLM's CPU attention uses AMX for bf16, but its worker processes never request the tile
-    state, so bf16 in multi-process mode dies with ``Illegal instruction`` on such machines.
-    ``torch._C._cpu._init_amx()`` makes the request (a no-op elsewhere)."""
-    try:
-        import torch
-
-        init = getattr(torch._C._cpu, "_init_amx", None)
-        if init is not None:
-            init()
-    except Exception:  # noqa: BLE001  (best effort: never block the plugin from loading)
-        pass

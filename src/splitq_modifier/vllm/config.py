@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from loguru import logger
 from vllm.model_executor.layers.linear import LinearBase
 from vllm.model_executor.layers.quantization import (
     QUANTIZATION_METHODS,
@@ -285,4 +284,3 @@ def register_config(cls: type[SplitQConfig]) -> None:
         except (ValueError, KeyError):
             pass
     register_quantization_config(METHOD_NAME)(cls)
-    logger.debug("splitq_modifier: registered vLLM quantization method {!r}", METHOD_NAME)

@@ -123,7 +123,6 @@ def attach_text_mask(model: nn.Module) -> bool:
 
     model.embed_input_ids = embed_input_ids
     model._splitq_text_mask_attached = True
-    logger.debug("splitq_modifier: text mask attached to {}", type(model).__name__)
     return True
 
 
