@@ -167,7 +167,68 @@ def _engine(a: argparse.Namespace) -> dict:
         res["sites"] = llm.apply_model(_site_check(*a.sites))[0]
         res["stock_parser"] = _stock_parser(a.path)
         res["unpacking"] = _unpacking()
+        res["matching"] = _matching(a.path)
+        heavy = ("llmcompressor", "splitq_modifier.modifier", "splitq_modifier.calibrate",
+                 "splitq_modifier.mocd", "splitq_modifier.split_linear")  # fmt: skip
+        res["imported"] = sorted(m for m in sys.modules if m.startswith(heavy))
+        import compressed_tensors
+
+        res["compressed_tensors"] = compressed_tensors.__version__
     return res
+
+
+def _matching(path: str) -> dict:
+    """Which site each vLLM layer name gets from the plugin's config, for the text-only
+    checkpoint and for the VLM it was cut from (``../vlm``, targets
+    ``re:^model\\.language_model\\...``) under LLaVA's vLLM renames, and the errors for layers
+    that do not match a site."""
+    from vllm.model_executor.models.utils import WeightsMapper
+
+    from splitq_modifier.vllm.config import SplitQConfig
+
+    packed = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+
+    def config(folder: str, mapper=None) -> SplitQConfig:
+        with open(os.path.join(folder, "config.json")) as f:
+            cfg = SplitQConfig.from_config(json.load(f)["quantization_config"])
+        cfg.packed_modules_mapping = dict(packed)
+        if mapper is not None:
+            cfg.apply_vllm_mapper(mapper.get_rename_mapper())
+        return cfg
+
+    def members(cfg: SplitQConfig, name: str):
+        try:
+            spec = cfg.site_spec(name)
+            return None if spec is None else list(spec.members)
+        except ValueError as e:
+            return f"{type(e).__name__}: {e}"
+
+    llava = WeightsMapper(
+        orig_to_new_prefix={
+            "model.language_model.": "language_model.model.",
+            "model.vision_tower.": "vision_tower.",
+            "model.multi_modal_projector.": "multi_modal_projector.",
+            "lm_head.": "language_model.lm_head.",
+        }
+    )
+    vlm = os.path.join(os.path.dirname(path.rstrip("/")), "vlm")
+    text, mapped, unmapped = config(path), config(vlm, llava), config(vlm)
+    name = "language_model.model.layers.1.mlp.gate_up_proj"
+    out = {
+        "text": members(text, "model.layers.1.self_attn.qkv_proj"),
+        "text_o": members(text, "model.layers.1.self_attn.o_proj"),
+        "vlm_mapped": members(mapped, name),
+        "vlm_unmapped": members(unmapped, name),
+        "vision": members(mapped, "visual.blocks.0.attn.qkv"),
+        "lm_head": members(mapped, "language_model.lm_head"),
+        "unfused": members(text, "model.layers.0.self_attn.q_proj"),
+        "member_alone": members(text, "model.layers.0.self_attn.k_proj"),
+    }
+    text.packed_modules_mapping["qkvo_proj"] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    out["mixed"] = members(text, "model.layers.0.self_attn.qkvo_proj")
+    text.packed_modules_mapping["qx_proj"] = ["q_proj", "x_proj"]
+    out["partial"] = members(text, "model.layers.0.self_attn.qx_proj")
+    return out
 
 
 def _unpacking() -> dict:

@@ -182,6 +182,9 @@ def _assert_matches(ref, res):
 
 def test_inprocess_compiled_engine_matches_transformers(served, inproc):
     _assert_matches(served[1], inproc[0])
+    # served with vLLM's compressed-tensors, without llm-compressor or the calibration code
+    assert inproc[0]["compressed_tensors"].startswith("0.17")
+    assert inproc[0]["imported"] == []
 
 
 def test_vllm_layers_are_bit_exact_against_splitq_site_linear(inproc):
@@ -231,6 +234,21 @@ def test_stock_vllm_parser_names_the_plugin(inproc):
     assert text.startswith("ValidationError: 1 validation error for TransformConfig"), text
     assert VLLM_GUARD_MESSAGE in text and "splitq-modifier" in text
     assert "kv cache" not in text
+
+
+def test_vllm_layer_names_find_their_sites(inproc):
+    """The plugin's config finds the site of a vLLM layer by its fused members, directly (the
+    text-only names) or through the inverse of the model's renames (the VLM's targets name
+    ``model.language_model.layers``, vLLM's LLaVA ``language_model.model.layers``), and
+    refuses layers that split or mix sites, naming them."""
+    m = inproc[0]["matching"]
+    assert m["text"] == ["q_proj", "k_proj", "v_proj"] and m["text_o"] == ["o_proj"]
+    assert m["vlm_mapped"] == ["gate_proj", "up_proj"]
+    assert m["vlm_unmapped"] is None and m["vision"] is None and m["lm_head"] is None
+    assert "runs model.layers.0.self_attn.q_proj as a layer of its own" in m["unfused"]
+    assert "does not match the site" in m["member_alone"]
+    assert m["mixed"].startswith("SplitQFormatError: vLLM layer model.layers.0.self_attn.qkvo")
+    assert "only ['model.layers.0.self_attn.q_proj'] are splitq-packed" in m["partial"]
 
 
 def test_three_bit_checkpoints_are_refused_with_the_pinned_compressed_tensors(inproc):

@@ -253,6 +253,12 @@ class SplitQConfig(QuantizationConfig):
                 f"linears {list(owner.members)} of one site (index {owner.index}): vLLM's "
                 "layer does not match the site, so this architecture cannot be served"
             )
+        if len(members) == 1 and len(owner.members) > 1:
+            raise SplitQFormatError(
+                f"vLLM runs {prefix} as a layer of its own, but the checkpoint stores it with "
+                f"its site {list(owner.members)} (their weights concatenated on "
+                f"{owner.members[0]}): this architecture's vLLM model does not fuse the site"
+            )
         if len(members) > 1 and len(members) != len(owner.members):
             raise SplitQFormatError(
                 f"vLLM layer {prefix} fuses {members}, but the site has linears "
