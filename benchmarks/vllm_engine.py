@@ -176,18 +176,25 @@ def vllm_python(build: bool = True) -> str:
 
 def plugin_overlay(python: str, dst: str | Path) -> Path:
     """Install this checkout (no dependencies) into ``dst`` for the vLLM environment: put
-    ``dst`` on ``PYTHONPATH`` and vLLM finds the plugin's entry point there."""
+    ``dst`` on ``PYTHONPATH`` and vLLM finds the plugin's entry point there. Built from a
+    copy of the package sources, so nothing is written into the checkout."""
     dst = Path(dst)
-    build = Path(tempfile.mkdtemp(prefix="splitq_build_"))
+    tmp = Path(tempfile.mkdtemp(prefix="splitq_build_"))
     try:
+        src = tmp / "src"
+        src.mkdir()
+        for name in ("pyproject.toml", "README.md"):
+            shutil.copy(ROOT / name, src / name)
+        skip = shutil.ignore_patterns("__pycache__", "*.egg-info")
+        for name in ("src", "kernels"):
+            shutil.copytree(ROOT / name, src / name, ignore=skip)
         subprocess.run(
             [python, "-m", "pip", "install", "-qq", "--no-deps", "--no-build-isolation",
-             "--target", str(dst), str(ROOT)],
-            check=True, capture_output=True, text=True,
-            env={**os.environ, "TMPDIR": str(build), "PIP_NO_WARN_SCRIPT_LOCATION": "1"},
+             "--target", str(dst), str(src)],
+            check=True, capture_output=True, text=True, env={**os.environ, "TMPDIR": str(tmp)},
         )  # fmt: skip
     finally:
-        shutil.rmtree(build, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     return dst
 
 
