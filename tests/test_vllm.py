@@ -36,9 +36,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from splitq_modifier.format import FORMAT_VERSION
 from splitq_modifier.runtime import pack_path_weight
 from splitq_modifier.vllm.packing import check_unpacking, format_words
-from splitq_modifier.vllm.shard import column_layout, full_layout, row_layout
+from splitq_modifier.vllm.shard import (
+    ROW_ORDER_VERSIONS,
+    check_shardable,
+    column_layout,
+    full_layout,
+    row_layout,
+)
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import vllm_engine as ve  # noqa: E402  (the benchmark's harness)
@@ -80,6 +87,17 @@ def test_row_layout_computes_disjoint_output_blocks():
     assert not row_layout([128], 0, 1).gather_input
     with pytest.raises(ValueError, match="not divisible"):
         row_layout([130], 0, 4)
+
+
+def test_tensor_parallelism_needs_a_format_version_with_row_order():
+    """Row slices are a rank's outputs only in format versions that store output ``o`` in row
+    ``o``: the version this package writes does; another (e.g. a tensor-core fragment
+    order) is refused with TP > 1, naming the version, and still serves with TP 1."""
+    assert FORMAT_VERSION in ROW_ORDER_VERSIONS
+    check_shardable(FORMAT_VERSION, 2)
+    check_shardable(99, 1)
+    with pytest.raises(NotImplementedError, match="format version 99 .* tensor_parallel_size=1"):
+        check_shardable(99, 2, "model.layers.0.self_attn.qkv_proj")
 
 
 def test_format_packing_definition_is_the_runtimes():

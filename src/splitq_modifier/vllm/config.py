@@ -196,13 +196,11 @@ class SplitQConfig(QuantizationConfig):
         self._renames.add(hf_to_vllm_mapper)
         self.other.apply_vllm_mapper(hf_to_vllm_mapper)
 
-    def maybe_update_config(self, model_name: str, hf_config: Any = None, revision=None):
+    def maybe_update_config(
+        self, model_name: str, hf_config: Any = None, revision: str | None = None
+    ) -> None:
         """Passed on to the compressed-tensors config of the other layers."""
         self.other.maybe_update_config(model_name, hf_config=hf_config, revision=revision)
-
-    def get_cache_scale_mapper(self):
-        """The other layers' kv-cache scale names, as compressed-tensors maps them."""
-        return self.other.get_cache_scale_mapper()
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         """SplitQ for the linears the SplitQ groups target, the compressed-tensors method

@@ -39,7 +39,13 @@ from splitq_modifier.format.spec import LinearSpec, SplitQFormatError
 from splitq_modifier.format.validate import describe_problems, site_value_problems
 from splitq_modifier.runtime import SiteBranch, SplitQSiteLinear, site_linear
 from splitq_modifier.vllm.modality import MASK_BUFFER, make_text_mask
-from splitq_modifier.vllm.shard import ShardLayout, column_layout, full_layout, row_layout
+from splitq_modifier.vllm.shard import (
+    ShardLayout,
+    check_shardable,
+    column_layout,
+    full_layout,
+    row_layout,
+)
 
 __all__ = ["SplitQLinearMethod", "layer_layout"]
 
@@ -57,10 +63,12 @@ def layer_layout(
     if tp_size == 1:
         if sum(output_partition_sizes) != sum(spec.out_splits):
             raise SplitQFormatError(
-                f"vLLM layer {getattr(layer, 'prefix', '')} has outputs "
-                f"{list(output_partition_sizes)}, the site {list(spec.out_splits)}"
+                f"vLLM layer {getattr(layer, 'prefix', '')} computes outputs "
+                f"{list(output_partition_sizes)}, but its splitq-packed site's linears have "
+                f"{list(spec.out_splits)} (the config does not belong to this model)"
             )
         return full_layout(spec.out_splits)
+    check_shardable(spec.version, tp_size, getattr(layer, "prefix", ""))
     if isinstance(layer, RowParallelLinear):
         return row_layout(spec.out_splits, tp_rank, tp_size)
     if isinstance(layer, ColumnParallelLinear):

@@ -23,7 +23,31 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["ShardLayout", "column_layout", "row_layout", "full_layout"]
+__all__ = [
+    "ROW_ORDER_VERSIONS",
+    "ShardLayout",
+    "check_shardable",
+    "column_layout",
+    "full_layout",
+    "row_layout",
+]
+
+#: ``splitq-packed`` format versions whose per-output tensors store output ``o`` in row
+#: ``o`` (so a rank's outputs are a row slice). A version that reorders rows (e.g. into
+#: tensor-core fragment order) must define its shards before tensor parallelism can use it.
+ROW_ORDER_VERSIONS = (2,)
+
+
+def check_shardable(version: int, tp_size: int, where: str = "") -> None:
+    """Raise ``NotImplementedError`` if a site of format ``version`` cannot be split over
+    ``tp_size`` > 1 ranks by row slices (see :data:`ROW_ORDER_VERSIONS`)."""
+    if tp_size > 1 and int(version) not in ROW_ORDER_VERSIONS:
+        at = f" {where}" if where else ""
+        raise NotImplementedError(
+            f"splitq-packed linear{at}: format version {version} is not known to store one "
+            f"row per output, so it cannot be split over {tp_size} tensor-parallel ranks "
+            f"(versions {list(ROW_ORDER_VERSIONS)} can); serve it with tensor_parallel_size=1"
+        )
 
 
 @dataclass(frozen=True)
