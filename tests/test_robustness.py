@@ -35,6 +35,7 @@ from splitq_modifier.checks import SplitQCalibrationError, find_nonfinite_sample
 from splitq_modifier.format import (
     FORMAT_NAME,
     GUARD_MESSAGE,
+    VLLM_GUARD_MESSAGE,
     SplitQFormatError,
     decode_quantization_config,
     encode_quantization_config,
@@ -613,6 +614,21 @@ def test_stock_validation_of_the_file_fails_once_naming_the_fix(ckpt):
         assert err.value.error_count() == 1
         assert GUARD_MESSAGE in str(err.value) and FORMAT_NAME in GUARD_MESSAGE
         assert "import splitq_modifier" in GUARD_MESSAGE
+
+
+def test_stock_vllm_validation_of_the_file_names_the_plugin(ckpt):
+    """What a stock vLLM does first with the file (its compressed-tensors config validates
+    ``transform_config`` with compressed-tensors' ``TransformConfig`` while it builds its
+    engine config): one error whose location names the package to install. The real
+    ``transform_config`` comes back when the package decodes the file."""
+    from compressed_tensors.transform import TransformConfig
+
+    raw = _raw_qc(ckpt)
+    with pytest.raises(ValidationError) as err:
+        TransformConfig.model_validate(raw["transform_config"])
+    assert err.value.error_count() == 1
+    assert VLLM_GUARD_MESSAGE in str(err.value) and "splitq-modifier" in VLLM_GUARD_MESSAGE
+    assert decode_quantization_config(raw)["transform_config"] == {}
 
 
 def test_guard_round_trip_and_old_layout(ckpt, tmp_path):

@@ -16,6 +16,7 @@
 from splitq_modifier.format.compressor import SplitQPackedCompressor
 from splitq_modifier.format.guard import (
     GUARD_MESSAGE,
+    VLLM_GUARD_MESSAGE,
     SplitQCompressedTensorsConfig,
     decode_quantization_config,
     encode_quantization_config,
@@ -40,6 +41,7 @@ __all__ = [
     "FORMAT_VERSION",
     "GUARD_MESSAGE",
     "SUPPORTED_VERSIONS",
+    "VLLM_GUARD_MESSAGE",
     "BranchSpec",
     "LinearSpec",
     "SplitQCompressedTensorsConfig",

@@ -19,7 +19,21 @@ No code of this package runs at that point, so only the file can shape the error
         Extra inputs are not permitted [type=extra_forbidden, input_value=None, input_type=NoneType]
 
   It fails even when ``config_groups`` is left empty, so no stock reader (transformers,
-  compressed-tensors, vLLM) loads the SplitQ linears as something else.
+  compressed-tensors, vLLM) loads the SplitQ linears as something else;
+- ``transform_config`` is replaced by ``{"config_groups": {VLLM_GUARD_MESSAGE: null}}`` and
+  its real value (if any) kept under ``splitq_transform_config``. transformers and
+  compressed-tensors' ``QuantizationConfig`` do not read ``transform_config`` (the error above
+  stays the only one), but a stock vLLM validates it with compressed-tensors'
+  ``TransformConfig`` when it builds its engine config, before the model, so it stops with
+  one validation error whose location names the vLLM plugin to install::
+
+      1 validation error for TransformConfig
+      config_groups.splitq-packed checkpoint: to serve it with vLLM, install ...
+        Input should be a valid dictionary or instance of TransformScheme [type=model_type, ...]
+
+  (without it, vLLM's first error is an unrelated ``NotImplementedError: Currently supported
+  kv cache quantization is num_bits=8, type=float, however received num_bits=None,
+  type=None``, raised by the kv-cache guard above while the model is built).
 
 ``import splitq_modifier`` registers :class:`SplitQCompressedTensorsConfig` as transformers'
 ``compressed-tensors`` quantization config (``AUTO_QUANTIZATION_CONFIG_MAPPING``, the registry
@@ -43,6 +57,8 @@ __all__ = [
     "GUARD_FIELD",
     "GUARD_MESSAGE",
     "SPLITQ_GROUPS_KEY",
+    "VLLM_GUARD_FIELD",
+    "VLLM_GUARD_MESSAGE",
     "SplitQCompressedTensorsConfig",
     "decode_quantization_config",
     "encode_quantization_config",
@@ -55,6 +71,16 @@ GUARD_FIELD = "kv_cache_scheme"
 GUARD_MESSAGE = f"{FORMAT_NAME} checkpoint: run `import splitq_modifier` before from_pretrained"
 #: Where the SplitQ config groups are stored in ``config.json``.
 SPLITQ_GROUPS_KEY = "splitq_config_groups"
+#: The ``quantization_config`` field that carries the message for a stock vLLM.
+VLLM_GUARD_FIELD = "transform_config"
+#: What a stock vLLM prints (the location of its single validation error).
+VLLM_GUARD_MESSAGE = (
+    f"{FORMAT_NAME} checkpoint: to serve it with vLLM, install the splitq-modifier package "
+    "(its vLLM plugin) in vLLM's environment"
+)
+#: Where the real ``transform_config`` is kept while the guard occupies its place.
+SPLITQ_TRANSFORM_KEY = "splitq_transform_config"
+_MISSING = object()
 
 
 def _guard_value(qc: dict) -> tuple[bool, Any]:
@@ -67,9 +93,20 @@ def _guard_value(qc: dict) -> tuple[bool, Any]:
     return False, value
 
 
+def _is_vllm_guard(value: Any) -> bool:
+    if not isinstance(value, dict) or list(value) != ["config_groups"]:
+        return False
+    groups = value["config_groups"]
+    return isinstance(groups, dict) and any(
+        isinstance(k, str) and k.startswith(FORMAT_NAME) for k in groups
+    )
+
+
 def is_encoded(qc: Any) -> bool:
     """Whether a ``quantization_config`` dict is in the file form written by this package."""
-    return isinstance(qc, dict) and (SPLITQ_GROUPS_KEY in qc or _guard_value(qc)[0])
+    return isinstance(qc, dict) and (
+        SPLITQ_GROUPS_KEY in qc or _guard_value(qc)[0] or _is_vllm_guard(qc.get(VLLM_GUARD_FIELD))
+    )
 
 
 def encode_quantization_config(qc: dict) -> dict:
@@ -87,6 +124,10 @@ def encode_quantization_config(qc: dict) -> dict:
     qc["config_groups"] = {k: g for k, g in groups.items() if k not in splitq}
     qc[SPLITQ_GROUPS_KEY] = splitq
     qc[GUARD_FIELD] = {GUARD_MESSAGE: qc.get(GUARD_FIELD)}
+    real = qc.pop(VLLM_GUARD_FIELD, _MISSING)
+    if real is not _MISSING:
+        qc[SPLITQ_TRANSFORM_KEY] = real
+    qc[VLLM_GUARD_FIELD] = {"config_groups": {VLLM_GUARD_MESSAGE: None}}
     return qc
 
 
@@ -103,6 +144,10 @@ def decode_quantization_config(qc: dict) -> dict:
     guarded, value = _guard_value(qc)
     if guarded:
         qc[GUARD_FIELD] = value
+    if _is_vllm_guard(qc.get(VLLM_GUARD_FIELD)):
+        del qc[VLLM_GUARD_FIELD]
+        if SPLITQ_TRANSFORM_KEY in qc:
+            qc[VLLM_GUARD_FIELD] = qc.pop(SPLITQ_TRANSFORM_KEY)
     return qc
 
 

