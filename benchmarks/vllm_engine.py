@@ -99,7 +99,7 @@ def make_checkpoint(root: str | Path) -> Path:
     """Quantize the tiny Qwen2.5-VL with SplitQ W4A4 and save it; return the folder of its
     text-only re-save (``root/text``)."""
     from llmcompressor import oneshot
-    from splitq_modifier.tiny import (
+    from splitq_modifier.testing.tiny import (
         build_tiny_vlm,
         calibration_dataset,
         collate,
