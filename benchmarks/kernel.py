@@ -500,7 +500,10 @@ def print_main_loops(records: list[dict]) -> None:
 class Layer:
     """A decoder layer with either SplitQ sites or bf16 linears (same norms and attention)."""
 
-    def __init__(self, m: ModelWidths, sites: list[SiteSpec], device, splitq: bool, seed=0):
+    def __init__(self, m: ModelWidths, sites: list[SiteSpec], device, splitq: bool, seed=0,
+                 params: dict[str, SiteParams] | None = None):  # fmt: skip
+        """``params``: the SplitQ sites' parameters by site name (default: :func:`build_params`
+        of each site)."""
         self.m, self.splitq = m, splitq
         # head_dim 128 where the widths allow (all real models here but Gemma's 256, same
         # FLOPs), else their gcd (tiny shapes)
@@ -509,7 +512,9 @@ class Layer:
         self.norm = [torch.ones(m.hidden, device=device, dtype=torch.bfloat16) for _ in "12"]
         self.sites = {s.name: s for s in sites}
         if splitq:
-            self.params = {s.name: build_params(s, device, seed + i) for i, s in enumerate(sites)}
+            self.params = params or {
+                s.name: build_params(s, device, seed + i) for i, s in enumerate(sites)
+            }
         else:
             gen = torch.Generator(device="cpu").manual_seed(seed)
             self.w = {
