@@ -276,9 +276,8 @@ def _verdict(rec: dict) -> str:
 # --------------------------------------------------------------------------------------------
 def _bench(fn, n: int, tiny: bool) -> float:
     """Milliseconds per call: CUDA graphs at 1-16 tokens, ``do_bench`` above; ``--tiny``: one
-    timed call after a warm-up (interpreter, not a speed)."""
+    timed call (interpreter, not a speed)."""
     if tiny:
-        fn()
         t0 = time.perf_counter()
         fn()
         return (time.perf_counter() - t0) * 1e3
