@@ -57,8 +57,8 @@ _QUANT_PTRS = {
     "gq_ptr": "*i8", "sg_ptr": "*fp32",
 }  # fmt: skip
 _GEMM_PTRS = {
-    "qx_ptr": "*i8", "sx_ptr": "*fp32", "out_ptr": "*bf16",
-    "wv_ptr": "*i32", "wt_ptr": "*i32", "wm_ptr": "*i32",
+    "qx_ptr": "*i8", "sx_ptr": "*fp32", "qsum_ptr": "*i32", "out_ptr": "*bf16",
+    "wv_ptr": "*u8", "wt_ptr": "*u8", "wm_ptr": "*u8",
     "wsv_ptr": "*fp32", "wst_ptr": "*fp32", "wsm_ptr": "*fp32",
     "hq_ptr": "*i8", "sh_ptr": "*fp32", "l1_ptr": "*i32", "l1s_ptr": "*fp32",
     "gq_ptr": "*i8", "sg_ptr": "*fp32", "l3_ptr": "*i32", "l3s_ptr": "*fp32",
@@ -156,9 +156,6 @@ def gemm_spec(
     opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     opts["enable_fp_fusion"] = True
     ints = {
-        "stride_wv": packed_words(site["sizes"][0], w_bits[0]),
-        "stride_wt": packed_words(site["sizes"][1], w_bits[1]),
-        "stride_wm": packed_words(site["sizes"][2], w_bits[2]),
         "stride_l1": packed_words(max(site["cws_ranks"]), branch_bits[0]),
         "stride_l3": packed_words(max(site["mac_ranks"]), branch_bits[2]),
     }

@@ -24,7 +24,7 @@ Printed:
     each launch takes ``max(tensor core, ALU issue, memory)``, with the tensor-core and
     instruction counts read from the kernels compiled for sm_90 (``benchmarks/sass.py``, run
     in a subprocess: it needs ptxas/nvdisasm from the triton wheel, no GPU), the grid against
-    132 SMs and kernel B's weight re-fetch per wave; kernel B's main-loop integer instructions
+    132 SMs and kernel B's grouped program order; kernel B's main-loop integer instructions
     per 4-bit code; linears-only and full-layer ratios vs bf16 (see ``print_model``);
 (d) transform precision: quantization codes that flip against an fp64 transform, for fp32
     (what the kernels compute) and for TF32 operands (emulated), on a real-width site;
@@ -56,6 +56,7 @@ from splitq_modifier.runtime import (  # noqa: E402
     SiteParams,
     build_site_params,
     flatten_factor_dims,
+    mma_weight_words,
     packed_words,
     quantize_per_token,
     site_linear,
@@ -211,16 +212,17 @@ def site_costs(s: SiteSpec, n: int) -> list[KernelCost]:
     br_macs = n_a * km * ((rank_pad(r1) if r1 else 0) + (rank_pad(r2) if r2 else 0))
     cost_a = KernelCost(f"{s.name} A", read, write, {"tf32x3": tf_macs, "int8": br_macs},
                         scratch)  # fmt: skip
-    # kernel B
+    # kernel B: path weights in the MMA block packing (whole 64-code blocks), branch
+    # up-factors dense, ranks in 32-wide MMA steps
     n_b = math.ceil(n / gcfg["BLOCK_T"]) * gcfg["BLOCK_T"]
-    read = sum(big_d * packed_words(k, b) * 4 + big_d * 4 for k, b in zip(s.sizes, s.w_bits))
+    read = sum(big_d * mma_weight_words(k, b) * 4 + big_d * 4 for k, b in zip(s.sizes, s.w_bits))
     for ranks in (s.cws, s.mac):
         if ranks:
             read += big_d * (packed_words(max(ranks), s.branch_bits[0]) * 4 + 4)
     read += big_d * 2 if s.bias else 0
-    read += n * (d + 12) + (n * (r1 + 4 * m) if r1 else 0) + (n * (r2 + 4 * m + 1) if r2 else 0)
+    read += n * (d + 24) + (n * (r1 + 4 * m) if r1 else 0) + (n * (r2 + 4 * m + 1) if r2 else 0)
     write = n * big_d * 2
-    up = (rank_pad(max(s.cws)) if s.cws else 0) + (rank_pad(max(s.mac)) if s.mac else 0)
+    up = sum(32 * math.ceil(max(r) / 32) for r in (s.cws, s.mac) if r)
     cost_b = KernelCost(f"{s.name} B", read, write, {"int8": n_b * big_d * (d + up)})
     return [cost_a, cost_b]
 
@@ -358,18 +360,20 @@ def kernel_time(name: str, rec: dict, grid: int, hbm_bytes: float, gpu: dict) ->
                       hbm_bytes / bw, hbm_bytes)  # fmt: skip
 
 
-def weight_stream_bytes(d_out: int, block_o: int, n: int, block_t: int, w_bytes: float) -> float:
-    """HBM bytes of kernel B's weights: programs run in grid order, output tiles fastest, so
-    each wave of 132 programs fetches the weight tiles of the output tiles it covers; the
-    site's weights are fetched once in all only when they fit in half the L2."""
-    if w_bytes <= L2_BYTES / 2:
-        return w_bytes
-    ot, tt = math.ceil(d_out / block_o), math.ceil(n / block_t)
-    total = 0.0
-    for start in range(0, ot * tt, SMS):
-        tiles = {i % ot for i in range(start, min(start + SMS, ot * tt))}
-        total += len(tiles) / ot * w_bytes
-    return total
+def gemm_stream_bytes(
+    d_out: int, n: int, cfg: dict, w_bytes: float, act_bytes: float
+) -> tuple[float, float]:
+    """HBM bytes of kernel B's weights and activation codes under its grouped program order:
+    groups of ``GROUP_O`` output tiles x every token tile, output tiles fastest. A group's
+    weights stay in L2 while its token tiles run when they fit in half of it (else each token
+    tile fetches them again); the activation codes are read once in all when they fit in half
+    the L2, else once per group."""
+    ot, tt = math.ceil(d_out / cfg["BLOCK_O"]), math.ceil(n / cfg["BLOCK_T"])
+    group = min(cfg["GROUP_O"], ot)
+    groups = math.ceil(ot / group)
+    w_hbm = w_bytes if w_bytes * group / ot <= L2_BYTES / 2 else w_bytes * tt
+    a_hbm = act_bytes if act_bytes <= L2_BYTES / 2 else act_bytes * groups
+    return w_hbm, a_hbm
 
 
 def site_model(s: SiteSpec, n: int, records: list[dict], gpu: dict) -> list[KernelTime]:
@@ -377,13 +381,15 @@ def site_model(s: SiteSpec, n: int, records: list[dict], gpu: dict) -> list[Kern
     qcfg, gcfg = _gpu_configs(n)
     cost_a, cost_b = site_costs(s, n)
     static_b = site_costs(s, 0)[1].read  # weights, scales, branch up-factors, bias
-    w_hbm = weight_stream_bytes(s.big_d, gcfg["BLOCK_O"], n, gcfg["BLOCK_T"], static_b)
+    act_b = n * (s.d + 24)  # codes, scales and code sums of the three paths
+    w_hbm, a_hbm = gemm_stream_bytes(s.big_d, n, gcfg, static_b, act_b)
     grid_a = math.ceil(n / qcfg["BLOCK_M"])
     grid_b = math.ceil(s.big_d / gcfg["BLOCK_O"]) * math.ceil(n / gcfg["BLOCK_T"])
     a = kernel_time(f"{s.name} A", _record(records, s.name, "A", n), grid_a,
                     cost_a.read + cost_a.write, gpu)  # fmt: skip
     b = kernel_time(f"{s.name} B", _record(records, s.name, "B", n), grid_b,
-                    cost_b.read + cost_b.write - static_b + w_hbm, gpu)  # fmt: skip
+                    cost_b.read + cost_b.write - static_b - act_b + w_hbm + a_hbm,
+                    gpu)  # fmt: skip
     return [a, b]
 
 
@@ -427,8 +433,9 @@ def print_model(m: ModelWidths, sites: list[SiteSpec], tokens, records: list[dic
           "at 64 integer lanes, 128 issue slots, 128 FP32 lanes and 16 XU lanes per clock per "
           f"SM; {CLOCK_HZ / 1e9:.2f} GHz; the busiest of 132 SMs runs ceil(grid / 132) "
           f"programs; memory at min(HBM, SMs in use x {SM_BYTES_PER_CLK} B/clk), kernel A's "
-          "fp32 work buffer through HBM, kernel B's weights re-fetched per wave when the "
-          "site's weights exceed half the L2.")  # fmt: skip
+          "fp32 work buffer through HBM, kernel B in its grouped program order (a group's "
+          "weights fetched once while they fit in half the L2, the activation codes once per "
+          "group when they do not).")  # fmt: skip
     del triton
     ratios = {}
     print("\nPer kernel, summed over the four sites (us):")
@@ -500,7 +507,10 @@ def print_main_loops(records: list[dict]) -> None:
 class Layer:
     """A decoder layer with either SplitQ sites or bf16 linears (same norms and attention)."""
 
-    def __init__(self, m: ModelWidths, sites: list[SiteSpec], device, splitq: bool, seed=0):
+    def __init__(self, m: ModelWidths, sites: list[SiteSpec], device, splitq: bool, seed=0,
+                 params: dict[str, SiteParams] | None = None):  # fmt: skip
+        """``params``: the SplitQ sites' parameters by site name (default: :func:`build_params`
+        of each site)."""
         self.m, self.splitq = m, splitq
         # head_dim 128 where the widths allow (all real models here but Gemma's 256, same
         # FLOPs), else their gcd (tiny shapes)
@@ -509,7 +519,9 @@ class Layer:
         self.norm = [torch.ones(m.hidden, device=device, dtype=torch.bfloat16) for _ in "12"]
         self.sites = {s.name: s for s in sites}
         if splitq:
-            self.params = {s.name: build_params(s, device, seed + i) for i, s in enumerate(sites)}
+            self.params = params or {
+                s.name: build_params(s, device, seed + i) for i, s in enumerate(sites)
+            }
         else:
             gen = torch.Generator(device="cpu").manual_seed(seed)
             self.w = {

@@ -362,11 +362,33 @@ def loop_summary(lp: Loop, threads: int, codes_per_iter: int | None = None) -> d
     return out
 
 
+#: Python functions of kernel B's K loops (``kernels/site_gemm.py``).
+GEMM_LOOP_FUNCS = ("_path_acc", "_weight_tile", "_pieces4", "_pieces2", "_pieces3", "_bit3",
+                   "_cat", "_act_k", "_load_bytes")  # fmt: skip
+
+
+def unrolled_summary(prof: Profile, steps: int, threads: int, codes_per_iter: int) -> dict:
+    """:func:`loop_summary` for K loops the compiler unrolled: every instruction whose source
+    line is in one of :data:`GEMM_LOOP_FUNCS` (all paths' K steps, prologue and partial last
+    steps included; Triton 3.6 records no inlining frames, so the paths cannot be told
+    apart), divided by ``steps``, the K steps of all paths (per thread)."""
+    own = [i for i in prof.instrs if i.frames and function_at(*i.frames[0]) in GEMM_LOOP_FUNCS]
+    c = Counter(i.cls for i in own)
+    out = {cls: c[cls] / steps for cls in CLASSES}
+    out["total"] = sum(c.values()) / steps
+    out["mma_ops"] = {k: v / steps for k, v in Counter(i.op for i in own if i.cls == "mma").items()}
+    out["int_per_mma"] = c["int"] / max(c["mma"], 1)
+    per_thread = codes_per_iter / threads
+    out["codes_per_thread"] = per_thread
+    out["int_per_code"] = c["int"] / steps / per_thread
+    out["unrolled"] = True
+    return out
+
+
 def gemm_main_loop(prof: Profile) -> Loop:
     """Kernel B's main-path K loop: the MMA loop with the most instructions among those of
     ``_path_acc`` (the last path's loop when several have the same size)."""
-    cands = [lp for lp in prof.mma_loops() if lp.func in ("_path_acc", "load_packed_rows",
-                                                          "site_gemm_kernel")]  # fmt: skip
+    cands = [lp for lp in prof.mma_loops() if lp.func in (*GEMM_LOOP_FUNCS, "site_gemm_kernel")]
     cands = cands or prof.mma_loops()
     if not cands:
         raise RuntimeError(f"{prof.label}: no loop with a tensor-core instruction")
@@ -402,12 +424,13 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def expected_gemm_loops(const: dict) -> list[tuple[str, int]]:
-    """Kernel B's loops in program order, ``(name, trips)``: one K loop per path with at least
-    two ``BLOCK_K`` steps (a single step is straight-line code)."""
+    """Kernel B's loops in program order, ``(name, trips)``: one K loop per path (main path
+    first) over its full ``BLOCK_K`` steps when there are at least two (a single step is
+    straight-line code; the partial last step is outside the loop)."""
     out = []
-    for name, k in (("K loop, vision path", const["KV"]), ("K loop, text path", const["KT"]),
-                    ("K loop, main path", const["KM"])):  # fmt: skip
-        t = _cdiv(k, const["BLOCK_K"]) if k else 0
+    for name, k in (("K loop, main path", const["KM"]), ("K loop, vision path", const["KV"]),
+                    ("K loop, text path", const["KT"])):  # fmt: skip
+        t = k // const["BLOCK_K"] if k else 0
         if t >= 2:
             out.append((name, t))
     return out
@@ -496,7 +519,8 @@ def per_program(prof: Profile) -> dict:
 # --------------------------------------------------------------------------------------------
 # The site kernels of one decoder layer
 # --------------------------------------------------------------------------------------------
-def layer_specs(model: str, bits: str, tokens: list[int], sites=None) -> list[tuple]:
+def layer_specs(model: str, bits: str, tokens: list[int], sites=None,
+                kernels: str = "AB") -> list[tuple]:  # fmt: skip
     """``(site, kernel, n_tokens, spec)`` for both kernels at every site of ``model``'s layer
     and every distinct GPU configuration among ``tokens`` (recipe defaults: outlier paths and
     branches at ``max(b, 4)`` bits)."""
@@ -516,11 +540,11 @@ def layer_specs(model: str, bits: str, tokens: list[int], sites=None) -> list[tu
         for n in tokens:
             ka = tuple(sorted(site_quant_config(n, interpret=False).items()))
             kb = tuple(sorted(site_gemm_config(n, interpret=False).items()))
-            if ka not in seen_a:
+            if ka not in seen_a and "A" in kernels:
                 seen_a[ka] = n
                 spec = quant_spec(f"{model}:{name}", site, n, (fa, fa, ab), (fw, fa, fw, fa))
                 out.append((name, "A", n, spec))
-            if kb not in seen_b:
+            if kb not in seen_b and "B" in kernels:
                 seen_b[kb] = n
                 spec = gemm_spec(f"{model}:{name}", site, n, (fw, fw, wb), (fw, fa, fw, fa))
                 out.append((name, "B", n, spec))
@@ -528,12 +552,13 @@ def layer_specs(model: str, bits: str, tokens: list[int], sites=None) -> list[tu
 
 
 def layer_profiles(model: str, bits: str, tokens: list[int], jobs: int = 2,
-                   dump: str | None = None, sites=None) -> list[dict]:  # fmt: skip
+                   dump: str | None = None, sites=None,
+                   kernels: str = "AB") -> list[dict]:  # fmt: skip
     """Compile and profile every kernel configuration of :func:`layer_specs`; one JSON-able
     record per configuration (per-program dynamic counts, loop table, kernel B's main loop)."""
     import triton
 
-    entries = layer_specs(model, bits, tokens, sites)
+    entries = layer_specs(model, bits, tokens, sites, kernels)
     profs = profile_specs([(s[1], s[0], s[2], s[3], s[4]) for _, _, _, s in entries], jobs,
                           dump)  # fmt: skip
     records = []
@@ -556,10 +581,13 @@ def layer_profiles(model: str, bits: str, tokens: list[int], jobs: int = 2,
                **per_program(prof)}  # fmt: skip
         if kern == "B":
             main = [lp for lp in prof.loops if lp.name == "K loop, main path"]
-            if main:
-                codes = const["BLOCK_O"] * const["BLOCK_K"]
+            codes = const["BLOCK_O"] * const["BLOCK_K"]
+            if main and main[0].counts()["mma"]:
                 rec["main_loop"] = loop_summary(main[0], threads, codes)
-                rec["main_loop"]["bits"] = const["BITS_M"]
+            else:  # unrolled by the compiler (Triton 3.6 does at some tiles)
+                steps = sum(_cdiv(const[k], const["BLOCK_K"]) for k in ("KV", "KT", "KM"))
+                rec["main_loop"] = unrolled_summary(prof, steps, threads, codes)
+            rec["main_loop"]["bits"] = const["BITS_M"]
             rec["tile"] = [const["BLOCK_O"], const["BLOCK_T"], const["BLOCK_K"]]
         else:
             rec["tile"] = [const["BLOCK_M"], const["BLOCK_K"]]
@@ -578,10 +606,13 @@ def print_layer(records: list[dict]) -> None:
         m = r.get("main_loop")
         if not m:
             continue
-        mm = ", ".join(f"{k} x{v}" for k, v in m["mma_ops"].items())
+        mm = ", ".join(f"{k} x{v:g}" for k, v in m["mma_ops"].items())
+        if m.get("unrolled"):
+            mm += " (unrolled K loop: per step, all steps averaged)"
+        n = {k: f"{m[k]:.4g}" for k in ("int", "fp32", "ldg", "lds", "sts", "total")}
         print(f"| {r['site']} | {'x'.join(map(str, r['tile']))}, {r['num_warps']} | {m['bits']} "
-              f"| {mm} | {m['int']} | {m['fp32']} | {m['ldg']} | {m['lds']} | {m['sts']} "
-              f"| {m['total']} | {m['int_per_mma']:.1f} | {m['codes_per_thread']:.0f} "
+              f"| {mm} | {n['int']} | {n['fp32']} | {n['ldg']} | {n['lds']} | {n['sts']} "
+              f"| {n['total']} | {m['int_per_mma']:.1f} | {m['codes_per_thread']:.0f} "
               f"| **{m['int_per_code']:.2f}** |")  # fmt: skip
     for r in records:
         print(f"\n{r['label']} ({r['num_warps']} warps, {r['regs']} registers, {r['shared']} B "
@@ -626,8 +657,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dump", default=None, help="folder for the .sass listings")
     ap.add_argument("--json", default=None, help="write the records here instead of tables")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--kernels", default="AB", help="A, B or AB (default)")
     args = ap.parse_args(argv)
-    records = layer_profiles(args.model, args.bits, args.tokens, args.jobs, args.dump, args.sites)
+    records = layer_profiles(args.model, args.bits, args.tokens, args.jobs, args.dump, args.sites,
+                             args.kernels)  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f)

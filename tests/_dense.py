@@ -6,11 +6,20 @@ from __future__ import annotations
 import torch
 
 from splitq_modifier.quant import fake_quant
-from splitq_modifier.runtime import SplitQSiteLinear, apply_kron, unpack_path_weight
+from splitq_modifier.runtime import (
+    SplitQSiteLinear,
+    apply_kron,
+    unpack_mma_weight,
+    unpack_path_weight,
+)
 
 
 def _deq(packed: torch.Tensor, scale: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     return unpack_path_weight(packed, bits, k).float() * scale[:, None]
+
+
+def _deq_path(packed: torch.Tensor, scale: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    return unpack_mma_weight(packed, bits, k).float() * scale[:, None]
 
 
 def dense_site_forward(
@@ -27,8 +36,12 @@ def dense_site_forward(
     y = torch.zeros(*x.shape[:-1], big_d)
     for p in range(3):
         if sizes[p]:
-            w = _deq(getattr(owner, f"weight_packed_{p}"), getattr(owner, f"weight_scale_{p}"),
-                     owner.w_bits[p], sizes[p])  # fmt: skip
+            w = _deq_path(
+                getattr(owner, f"weight_packed_{p}"),
+                getattr(owner, f"weight_scale_{p}"),
+                owner.w_bits[p],
+                sizes[p],
+            )
             y = y + xq[p] @ w.T
     for name in ("cws", "mac"):
         br = getattr(owner, name)

@@ -41,7 +41,12 @@ from splitq_modifier.format import (
     SplitQPackedCompressor,
     decode_quantization_config,
 )
-from splitq_modifier.runtime import ModalityContext, SplitQSiteLinear
+from splitq_modifier.runtime import (
+    ModalityContext,
+    SplitQSiteLinear,
+    pack_path_weight,
+    unpack_mma_weight,
+)
 from splitq_modifier.split_linear import ChannelSplit, SplitQLinear, SplitSite, freeze_site
 from splitq_modifier.testing.tiny import (
     build_tiny_vlm,
@@ -331,16 +336,72 @@ def test_missing_tensor_fails_naming_it(saved, tmp_path, suffix):
 def test_misshaped_tensor_fails_naming_it(saved, tmp_path):
     suffix = "layers.0.self_attn.q_proj.weight_packed_2"  # q, k, v rows: 64 + 32 + 32
     bad = _copy(saved, tmp_path)
+    words = []
 
     def cut(t: dict) -> None:
         key = _key(t, suffix)
+        words.append(t[key].shape[1])
         t[key] = t[key][:, :-1].contiguous()
 
     _edit_tensors(bad, cut)
+    n = words[0]
     with pytest.raises(
-        SplitQFormatError, match=rf"{suffix}' .*is I32 \(128, 7\).*requires I32 \(128, 8\)"
+        SplitQFormatError,
+        match=rf"{suffix}' .*is I32 \(128, {n - 1}\).*requires I32 \(128, {n}\)",
     ):
         AutoModelForImageTextToText.from_pretrained(str(bad))
+
+
+def _as_version_2(path: Path, model) -> int:
+    """Rewrite a saved checkpoint as format version 2 wrote it: every path weight in the dense
+    packing, ``version: 2`` in config.json. Returns the number of tensors repacked."""
+    owners = {n: m for n, m in model.named_modules() if isinstance(m, SplitQSiteLinear)}
+    done = []
+
+    def repack(t: dict) -> None:
+        for name, m in owners.items():
+            if not m.is_owner:
+                continue
+            for p, k in enumerate(m.sizes):
+                if not k:
+                    continue
+                key = _key(t, f"{name[name.index('layers.') :]}.weight_packed_{p}")
+                codes = unpack_mma_weight(t[key], m.w_bits[p], k)
+                t[key] = pack_path_weight(codes, m.w_bits[p])
+                done.append(key)
+
+    _edit_tensors(path, repack)
+    cfg = json.loads((path / "config.json").read_text())
+    for group in cfg["quantization_config"]["splitq_config_groups"].values():
+        if group["format"] == FORMAT_NAME:
+            group["weights"]["observer_kwargs"]["splitq"]["version"] = 2
+    (path / "config.json").write_text(json.dumps(cfg))
+    return len(done)
+
+
+def test_version_2_checkpoint_is_converted_at_load(saved, tmp_path):
+    """A version-2 checkpoint (dense path weights) loads: its path weights are repacked, the
+    logits equal the in-memory model's, and a save of the loaded model writes version 3."""
+    case = "llava-w3a3"  # 3-bit main path, 4-bit outlier paths
+    path, model, sample, expected = saved[case]
+    old = _copy(saved, tmp_path, case)
+    assert _as_version_2(old, model) > 0
+    loaded = AutoModelForImageTextToText.from_pretrained(str(old))
+    with torch.no_grad():
+        got = loaded(**sample).logits
+    assert (got - expected).abs().max() / expected.abs().max() <= REL_TOL
+    for m in loaded.modules():
+        if isinstance(m, SplitQSiteLinear):
+            assert LinearSpec.from_scheme(m.quantization_scheme).version == FORMAT_VERSION
+    loaded.save_pretrained(str(tmp_path / "resaved"))
+    raw = json.loads((tmp_path / "resaved" / "config.json").read_text())["quantization_config"]
+    for group in decode_quantization_config(raw)["config_groups"].values():
+        if group["format"] == FORMAT_NAME:
+            assert group["weights"]["observer_kwargs"]["splitq"]["version"] == FORMAT_VERSION
+    resaved = load_file(str(tmp_path / "resaved" / "model.safetensors"))
+    original = load_file(str(path / "model.safetensors"))
+    packed = [k for k in original if "weight_packed_" in k]
+    assert packed and all(torch.equal(resaved[k], original[k]) for k in packed)
 
 
 def test_unknown_format_version_fails(saved, tmp_path):

@@ -25,9 +25,13 @@ from splitq_modifier.kernels import (
 from splitq_modifier.kernels.common import load_packed_kmajor, load_packed_rows
 
 from splitq_modifier.runtime import (
+    dense_to_mma,
+    mma_weight_words,
+    pack_mma_weight,
     pack_path_weight,
     site_gemm_reference,
     site_transform_reference,
+    unpack_mma_weight,
 )
 
 
@@ -57,6 +61,56 @@ def test_unpack_tiles(bits: int) -> None:
                          BLOCK_N=8)  # fmt: skip
     assert torch.equal(out, codes)
     assert torch.equal(out_t, codes)
+
+
+# --------------------------------------------------------------------------------------------
+# The MMA block packing of the path weights (format version 3)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+def test_mma_pack_round_trip(bits: int) -> None:
+    """Every width, whole and partial 64-code blocks; version-2 weights convert to the same."""
+    qmax = 2 ** (bits - 1) - 1
+    for k in (1, 31, 64, 96, 130):
+        codes = torch.randint(-qmax - 1, qmax + 1, (7, k), dtype=torch.int8)
+        packed = pack_mma_weight(codes, bits)
+        assert packed.dtype == torch.int32 and packed.shape == (7, mma_weight_words(k, bits))
+        assert packed.shape[1] == -(-k // 64) * (2 * bits if bits <= 4 else 16)
+        assert torch.equal(unpack_mma_weight(packed, bits, k), codes)
+        assert torch.equal(dense_to_mma(pack_path_weight(codes, bits), bits, k), packed)
+    with pytest.raises(ValueError, match="words per row"):
+        unpack_mma_weight(packed[:, :-1], bits, k)
+
+
+def _layout_bytes(u: list[int], bits: int) -> list[int]:
+    """One 64-code block's bytes, written out from the format's description (docs/format.md)
+    code by code; ``u`` holds the stored (offset) codes."""
+    if bits == 4:
+        return [u[j] | (u[j + 32] << 4) for j in range(32)]
+    if bits == 2:
+        return [sum(u[j + 16 * s] << (2 * s) for s in range(4)) for j in range(16)]
+    if bits == 3:
+        a = [sum((u[j + 8 * s] & 3) << (2 * s) for s in range(4)) for j in range(8)]
+        b = [sum((u[32 + j + 8 * s] & 3) << (2 * s) for s in range(4)) for j in range(8)]
+        h = [sum((u[j + 8 * s] >> 2) << s for s in range(8)) for j in range(8)]
+        return a + b + h
+    return [v & 0xFF for v in u]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_mma_pack_byte_layout(bits: int) -> None:
+    """The stored bytes are the documented ones, block after block, the last block filled
+    with code 0 (stored as the offset); words are little-endian."""
+    qmax = 2 ** (bits - 1) - 1
+    k = 100
+    codes = torch.randint(-qmax - 1, qmax + 1, (3, k), dtype=torch.int8)
+    off = 2 ** (bits - 1) if bits <= 4 else 0
+    packed = pack_mma_weight(codes, bits)
+    for row in range(3):
+        u = [int(c) + off for c in codes[row]] + [off] * (128 - k)
+        want = _layout_bytes(u[:64], bits) + _layout_bytes(u[64:], bits)
+        words = [int(w) & 0xFFFFFFFF for w in packed[row]]
+        got = [(w >> (8 * i)) & 0xFF for w in words for i in range(4)]
+        assert got == want
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,11 +148,10 @@ def test_site_gemm_gpu_configs(row, monkeypatch) -> None:
     on a 3-linear site whose segments do not align with the tiles."""
     import splitq_modifier.kernels.site_gemm as sg
 
-    _max_n, bo, bt, bk, _w, _s = sg.SITE_GEMM_GPU_CONFIGS[row]
-    cfg = {"BLOCK_O": bo, "BLOCK_T": bt, "BLOCK_K": bk, "num_warps": 4}
+    _max_n, bo, bt, bk, _w, _s, group = sg.SITE_GEMM_GPU_CONFIGS[row]
+    cfg = {"BLOCK_O": bo, "BLOCK_T": bt, "BLOCK_K": bk, "GROUP_O": group, "num_warps": 4}
     monkeypatch.setattr(sg, "site_gemm_config", lambda n: dict(cfg))
-    p = make_site((70, 33, 33), (8, 8, 300), ((8,), (8,), (15, 20)), (4, 3, 2), (4, 4, 4),
-                  (5, 2, 3), (6, 3, 1), bias=True, seed=8)  # fmt: skip
+    p = _three_linear_site((4, 3, 2))
     x = make_x(N_TOKENS, p.d_in, torch.bfloat16)
     xt = site_transform_reference(x, p)
     acts = ref_quantize(p, xt)
@@ -106,6 +159,40 @@ def test_site_gemm_gpu_configs(row, monkeypatch) -> None:
     y = sg.site_gemm_triton(acts, p, mask, torch.float32)
     ref = site_gemm_reference(acts, p, mask, torch.float32)
     torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
+
+
+def _three_linear_site(w_bits, seed=8):
+    return make_site((70, 33, 33), (8, 8, 300), ((8,), (8,), (15, 20)), w_bits, (4, 4, 4),
+                     (5, 2, 3), (6, 3, 1), bias=True, seed=seed)  # fmt: skip
+
+
+@pytest.mark.parametrize("w_bits", [(4, 4, 4), (3, 2, 3), (2, 8, 2)])
+def test_weight_layout_is_independent_of_the_tile(w_bits, monkeypatch) -> None:
+    """One packed site, several K steps, output tiles and program groupings: every run
+    equals the reference (the layout fixes nothing about the GPU tile)."""
+    import splitq_modifier.kernels.site_gemm as sg
+
+    p = _three_linear_site(w_bits)
+    n = 40  # three token tiles of 16
+    x = make_x(n, p.d_in, torch.float32)
+    acts = ref_quantize(p, site_transform_reference(x, p))
+    mask = make_mask("mixed", n)
+    ref = site_gemm_reference(acts, p, mask, torch.float32)
+    for bo, bk, group in ((64, 128, 1), (128, 256, 2), (64, 512, 3)):
+        cfg = {"BLOCK_O": bo, "BLOCK_T": 16, "BLOCK_K": bk, "GROUP_O": group, "num_warps": 4}
+        monkeypatch.setattr(sg, "site_gemm_config", lambda n, c=cfg: dict(c))
+        y = sg.site_gemm_triton(acts, p, mask, torch.float32)
+        torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
+
+
+def test_code_sums_computed_when_absent() -> None:
+    """Without ``qsum`` (a kernel A that does not return it) kernel B computes the sums."""
+    p = _three_linear_site((4, 3, 2))
+    x = make_x(N_TOKENS, p.d_in, torch.float32)
+    acts = ref_quantize(p, site_transform_reference(x, p))
+    y = site_gemm_triton(acts, p, None, torch.float32)
+    y0 = site_gemm_triton({**acts, "qsum": None}, p, None, torch.float32)
+    assert torch.equal(y, y0)
 
 
 def test_mac_rows_follow_text_mask() -> None:

@@ -36,6 +36,7 @@ from splitq_modifier.runtime import (
     SiteBranch,
     SplitQSiteLinear,
     apply_kron,
+    pack_mma_weight,
     pack_path_weight,
 )
 from splitq_modifier.transforms import PathTransform
@@ -382,7 +383,7 @@ def freeze_site(
         tensors["factors"] = torch.cat(mats)
     for p in range(3):
         ints = torch.cat([f.weight_int[p] for f in frozen])
-        tensors[f"weight_packed_{p}"] = pack_path_weight(ints, linears[0].weight_bits[p])
+        tensors[f"weight_packed_{p}"] = pack_mma_weight(ints, linears[0].weight_bits[p])
         tensors[f"weight_scale_{p}"] = torch.cat([f.weight_scale[p] for f in frozen])
     if any(f.bias is not None for f in frozen):
         tensors["site_bias"] = torch.cat(

@@ -28,6 +28,7 @@ from splitq_modifier.format.load import (
 )
 from splitq_modifier.format.save import prepare_model_for_save
 from splitq_modifier.format.spec import (
+    CONVERTED_VERSIONS,
     FORMAT_NAME,
     FORMAT_VERSION,
     SUPPORTED_VERSIONS,
@@ -37,6 +38,7 @@ from splitq_modifier.format.spec import (
 )
 
 __all__ = [
+    "CONVERTED_VERSIONS",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "GUARD_MESSAGE",

@@ -26,6 +26,10 @@ that behaves exactly like its parent for checkpoints without SplitQ groups and, 
   failing naming the file, module and tensor (:mod:`.validate`);
 - after loading, checks the values of each site's tensors (``perm`` a permutation, finite
   scales and factors, ...) before the model is returned;
+- converts an older format version it still reads (version 2: path weights repacked from
+  the dense packing to the MMA block packing, :func:`upgrade_site_tensors`), and records the
+  current version in the loaded model's schemes and config, so that saving it again writes
+  a current checkpoint;
 - after loading, swaps each loaded linear for a :class:`SplitQSiteLinear` built from the
   packed tensors (no dense weight is materialised; a site's owner holds its tensors, the
   other members point at it), re-attaches the modality-context hook (with the vision token ids
@@ -36,6 +40,7 @@ that behaves exactly like its parent for checkpoints without SplitQ groups and, 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -45,7 +50,10 @@ from transformers.quantizers.quantizer_compressed_tensors import CompressedTenso
 from transformers.utils.quantization_config import CompressedTensorsConfig
 
 from splitq_modifier.format.spec import (
+    CONVERTED_VERSIONS,
     FORMAT_NAME,
+    FORMAT_VERSION,
+    SPEC_KEY,
     LinearSpec,
     SplitQFormatError,
     is_splitq_scheme,
@@ -62,11 +70,14 @@ from splitq_modifier.runtime.modules import (
     SplitQSiteLinear,
     attach_modality_context,
 )
+from splitq_modifier.runtime.quant import dense_to_mma
 
 __all__ = [
     "SplitQCompressedTensorsHfQuantizer",
     "check_checkpoint",
     "convert_loaded_model",
+    "upgrade_config_versions",
+    "upgrade_site_tensors",
 ]
 
 _FIX = (
@@ -228,6 +239,40 @@ def _owner_from_tensors(name: str, tensors: dict, **kwargs: Any) -> SplitQSiteLi
     return owner
 
 
+def upgrade_site_tensors(tensors: dict[str, torch.Tensor], spec: LinearSpec) -> None:
+    """Convert a site owner's loaded tensors from ``spec.version`` to :data:`FORMAT_VERSION`
+    in place (version 2: path weights repacked from the dense to the MMA block packing; the
+    branch factors keep the dense packing in every version)."""
+    if spec.version not in CONVERTED_VERSIONS:
+        return
+    for p, k in enumerate(spec.sizes):
+        name = f"weight_packed_{p}"
+        if int(k) and name in tensors:
+            tensors[name] = dense_to_mma(tensors[name], spec.weight_bits[p], int(k))
+
+
+def upgrade_config_versions(config_groups: dict) -> int:
+    """Record :data:`FORMAT_VERSION` in every splitq-packed scheme of ``config_groups`` (after
+    :func:`convert_loaded_model` converted the tensors); returns the number changed."""
+    changed = 0
+    for scheme in config_groups.values():
+        if not is_splitq_scheme(scheme):
+            continue
+        data = scheme.weights.observer_kwargs[SPEC_KEY]
+        if data.get("version") != FORMAT_VERSION:
+            data["version"] = FORMAT_VERSION
+            changed += 1
+    return changed
+
+
+def _upgraded_scheme(module: nn.Module, spec: LinearSpec) -> Any:
+    """The module's scheme, with the current format version if it was converted."""
+    scheme = module.quantization_scheme
+    if spec.version == FORMAT_VERSION:
+        return scheme
+    return replace(spec, version=FORMAT_VERSION).scheme(list(scheme.targets))
+
+
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str, str]:
     parent_name, _, attr = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), parent_name, attr
@@ -252,6 +297,7 @@ def convert_loaded_model(model: nn.Module, context: ModalityContext | None = Non
         if spec.index == 0:
             direct = {k: v for k, v in expected.items() if "." not in k}
             tensors = {k: _tensor(module, k, *v, name) for k, v in direct.items()}
+            upgrade_site_tensors(tensors, spec)
             big_d = sum(spec.out_splits)
             new = _owner_from_tensors(
                 name,
@@ -281,7 +327,7 @@ def convert_loaded_model(model: nn.Module, context: ModalityContext | None = Non
                 )
             new = SplitQSiteLinear.member(owner, spec.index, spec.site)
         vision_ids = vision_ids or spec.vision_token_ids
-        new.quantization_scheme = module.quantization_scheme
+        new.quantization_scheme = _upgraded_scheme(module, spec)
         new.quantization_status = QuantizationStatus.COMPRESSED
         new.train(module.training)
         setattr(parent, attr, new)
@@ -366,6 +412,10 @@ class SplitQCompressedTensorsHfQuantizer(CompressedTensorsHfQuantizer):
         if not self.splitq_specs:
             return super()._process_model_after_weight_loading(model, **kwargs)
         convert_loaded_model(model)
+        upgrade_config_versions(self.compressor.quantization_config.config_groups)
+        self.splitq_specs = {
+            g: replace(spec, version=FORMAT_VERSION) for g, spec in self.splitq_specs.items()
+        }
         # the model's other compressed modules (e.g. a pack-quantized lm_head): decompress as
         # compressed-tensors does on the first forward (SplitQ linears are left as they are);
         # this also removes the decompress-on-first-forward hook

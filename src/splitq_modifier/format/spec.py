@@ -9,8 +9,12 @@ owner) stores every tensor of the site; the spec fixes the name, shape and dtype
 ``nn.Linear`` (``d_out x d_in``, known on the meta model transformers builds before loading)
 and against the checkpoint's headers before any weight is read.
 
-Version 2 (this one) stores a site's tensors once, on its owner, with the linears' weights
-concatenated along the output dim; version 1 (one set of packed weights per linear, sites
+Version 3 (this one) stores a site's tensors once, on its owner, with the linears' weights
+concatenated along the output dim, each path's weights in the MMA block packing
+(``splitq_modifier.runtime.quant.pack_mma_weight``: 64-code blocks laid out for the int8
+tensor-core GEMM). Version 2 is the same with the path weights in the dense packing
+(``pack_path_weight``); it is still read: :mod:`.load` repacks its path weights when the model
+is loaded (:data:`CONVERTED_VERSIONS`). Version 1 (one set of packed weights per linear, sites
 linked by aliasing) is no longer read: re-save such a model.
 """
 
@@ -26,6 +30,7 @@ from splitq_modifier.runtime.modules import SiteBranch, SplitQSiteLinear
 
 __all__ = [
     "FORMAT_NAME",
+    "CONVERTED_VERSIONS",
     "FORMAT_VERSION",
     "SUPPORTED_VERSIONS",
     "SPEC_KEY",
@@ -38,9 +43,12 @@ __all__ = [
 #: The compressed-tensors format name (``CompressionFormat.splitq_packed``).
 FORMAT_NAME = "splitq-packed"
 #: Version written by this package.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 #: Versions this package reads.
-SUPPORTED_VERSIONS = (2,)
+SUPPORTED_VERSIONS = (2, 3)
+#: Versions read by converting their tensors at load time (version 2: path weights in the
+#: dense packing, repacked to the MMA block packing).
+CONVERTED_VERSIONS = (2,)
 #: Key of the SplitQ spec in ``QuantizationArgs.observer_kwargs``.
 SPEC_KEY = "splitq"
 
@@ -259,7 +267,8 @@ class LinearSpec:
         self, d_out: int, d_in: int, where: str = ""
     ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Local name -> (shape, dtype) of every tensor stored for this ``d_out x d_in``
-        linear: the whole site's for the owner, nothing for the other members."""
+        linear in this spec's format version: the whole site's for the owner, nothing for the
+        other members."""
         at = f" {where}" if where else ""
         if sum(self.sizes) != d_in or self.out_splits[self.index] != d_out:
             raise SplitQFormatError(
@@ -270,8 +279,9 @@ class LinearSpec:
         if self.index:
             return {}
         out = SplitQSiteLinear.tensor_shapes(
-            self.sizes, self.factors, self.out_splits, self.weight_bits, self.bias
-        )
+            self.sizes, self.factors, self.out_splits, self.weight_bits, self.bias,
+            dense_paths=self.version in CONVERTED_VERSIONS,
+        )  # fmt: skip
         big_d = sum(self.out_splits)
         for name, br in (("cws", self.cws), ("mac", self.mac)):
             if br is not None:

@@ -30,13 +30,18 @@ from splitq_modifier.runtime.params import (
 )
 from splitq_modifier.runtime.quant import (
     EPS,
+    MMA_BLOCK,
     apply_kron,
+    dense_to_mma,
     imatmul,
+    mma_weight_words,
+    pack_mma_weight,
     pack_path_weight,
     packed_words,
     qmax_of,
     quantize_per_token,
     quantize_weight_per_channel,
+    unpack_mma_weight,
     unpack_path_weight,
 )
 from splitq_modifier.runtime.reference import (
@@ -48,6 +53,7 @@ from splitq_modifier.runtime.reference import (
 
 __all__ = [
     "EPS",
+    "MMA_BLOCK",
     "UNQUANTIZED",
     "ModalityContext",
     "SiteBranch",
@@ -57,8 +63,11 @@ __all__ = [
     "apply_kron",
     "attach_modality_context",
     "build_site_params",
+    "dense_to_mma",
     "flatten_factor_dims",
     "imatmul",
+    "mma_weight_words",
+    "pack_mma_weight",
     "pack_path_weight",
     "packed_words",
     "qmax_of",
@@ -73,5 +82,6 @@ __all__ = [
     "site_transform_reference",
     "split_factors",
     "triton_enabled",
+    "unpack_mma_weight",
     "unpack_path_weight",
 ]

@@ -26,7 +26,11 @@ from splitq_modifier.runtime.params import (
     flatten_factor_dims,
     split_factors,
 )
-from splitq_modifier.runtime.quant import packed_words, unpack_path_weight
+from splitq_modifier.runtime.quant import (
+    mma_weight_words,
+    packed_words,
+    unpack_mma_weight,
+)
 
 __all__ = [
     "ModalityContext",
@@ -163,7 +167,8 @@ class SplitQSiteLinear(nn.Module):
     Owner buffers (``p`` = 0, 1, 2: vision-outlier, text-outlier, main path; ``D`` = the site's
     total output width): ``perm`` int32 (d,), ``act_clip`` fp32 (3,), ``smooth`` fp32 (d,)
     in path order, ``factors`` fp32 (flat, see :mod:`.reference`), ``weight_packed_{p}`` int32
-    (D, ceil(k_p b_p / 32)), ``weight_scale_{p}`` fp32 (D,), ``site_bias`` fp32 (D,) or None;
+    (D, mma_weight_words(k_p, b_p)) in the MMA block packing (``quant.pack_mma_weight``),
+    ``weight_scale_{p}`` fp32 (D,), ``site_bias`` fp32 (D,) or None;
     children ``cws`` / ``mac`` (:class:`SiteBranch`) or None. Tensors of an empty path or of
     a site without factors are non-persistent placeholders. ``.to(dtype)`` leaves the fp32
     tensors fp32 (the op's contract).
@@ -288,8 +293,11 @@ class SplitQSiteLinear(nn.Module):
         out_splits: tuple[int, ...],
         w_bits: tuple[int, int, int],
         bias: bool,
+        dense_paths: bool = False,
     ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """Local name -> (shape, dtype) of the owner's persistent buffers (no branches)."""
+        """Local name -> (shape, dtype) of the owner's persistent buffers (no branches);
+        ``dense_paths``: the path weights in the dense packing (format version 2) instead of
+        the MMA block packing."""
         d, big_d = int(sum(sizes)), int(sum(out_splits))
         out = {
             "perm": ((d,), torch.int32),
@@ -301,8 +309,8 @@ class SplitQSiteLinear(nn.Module):
             out["factors"] = ((n_f,), torch.float32)
         for p, k in enumerate(sizes):
             if int(k):
-                out[f"weight_packed_{p}"] = ((big_d, packed_words(int(k), int(w_bits[p]))),
-                                             torch.int32)  # fmt: skip
+                words = (packed_words if dense_paths else mma_weight_words)(int(k), int(w_bits[p]))
+                out[f"weight_packed_{p}"] = ((big_d, words), torch.int32)
                 out[f"weight_scale_{p}"] = ((big_d,), torch.float32)
         if bias:
             out["site_bias"] = ((big_d,), torch.float32)
@@ -353,7 +361,7 @@ class SplitQSiteLinear(nn.Module):
         """Unpacked int8 codes of path ``p`` for this linear's rows (``d_out x k_p``)."""
         o = self.owner
         rows = getattr(o, f"weight_packed_{p}")[self.offset() : self.offset() + self.out_features]
-        return unpack_path_weight(rows, o.w_bits[p], o.sizes[p])
+        return unpack_mma_weight(rows, o.w_bits[p], o.sizes[p])
 
     # ------------------------------------------------------------------ compute
     def site_forward(self, x: Tensor) -> Tensor:

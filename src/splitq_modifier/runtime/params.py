@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 
 from splitq_modifier.runtime.quant import (
+    mma_weight_words,
+    pack_mma_weight,
     pack_path_weight,
     packed_words,
     qmax_of,
@@ -112,8 +114,10 @@ class SiteParams:
         smooth: fp32 (d,): smoothing scale, path order.
         factors: fp32 flat: the factors of path 0, then 1, then 2, each row-major.
         act_clip: fp32 (3,): activation clipping ratio per path.
-        w_packed / w_scale: per path, the packed int32 weights (D, ceil(k_p w_bits_p / 32))
-            of the linears concatenated along the output dim, and their fp32 (D,) scales.
+        w_packed / w_scale: per path, the int32 weights (D, mma_weight_words(k_p, w_bits_p))
+            of the linears concatenated along the output dim, in the MMA block packing
+            (:func:`~splitq_modifier.runtime.quant.pack_mma_weight`), and their fp32 (D,)
+            scales.
         w_bits / a_bits: weight and activation bits per path (a_bits 16 = not quantized).
         cws / mac: optional branches; mac_input: 0 = the MAC branch reads the activation
             quantization residual, 1 = the quantized activation.
@@ -242,7 +246,7 @@ class SiteParams:
         ]
         for p, k in enumerate(self.sizes):
             qmax_of(self.w_bits[p])
-            words = packed_words(int(k), int(self.w_bits[p]))
+            words = mma_weight_words(int(k), int(self.w_bits[p]))
             checks.append((f"w_packed[{p}]", self.w_packed[p], torch.int32, (big_d, words)))
             checks.append((f"w_scale[{p}]", self.w_scale[p], torch.float32, (big_d,)))
         for name, br in (("cws", self.cws), ("mac", self.mac)):
@@ -330,7 +334,7 @@ def build_site_params(
     packed, scales = [], []
     for w, b in zip(w_paths, w_bits, strict=True):
         q, s = quantize_weight_per_channel(w, b)
-        packed.append(pack_path_weight(q, b))
+        packed.append(pack_mma_weight(q, b))
         scales.append(s)
     dev = w_paths[2].device
     clip = torch.ones(3) if act_clip is None else torch.as_tensor(act_clip, dtype=torch.float32)

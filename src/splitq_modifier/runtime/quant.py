@@ -1,11 +1,17 @@
 """Integer helpers shared by the runtime, the format and calibration's freezing step.
 
 Everything is symmetric integer quantization,
-``q(v, b) = clamp(round_half_even(v / s), -2^(b-1), 2^(b-1) - 1)``. Codes are packed densely
-along the input dim into int32 words (:func:`pack_path_weight`). The packing is this
-package's own: the saved format's bit layout must not change with the installed
-compressed-tensors (0.17 and 0.19 pack 3-bit codes differently), so the runtime imports no
-compressed-tensors at all.
+``q(v, b) = clamp(round_half_even(v / s), -2^(b-1), 2^(b-1) - 1)``. Two packings into int32
+words, both this package's own (the saved format's bit layout must not change with the
+installed compressed-tensors: 0.17 and 0.19 pack 3-bit codes differently), so the runtime
+imports no compressed-tensors at all:
+
+* the *dense* packing (:func:`pack_path_weight`): codes back to back along the input dim, a
+  row one little-endian bit stream (compressed-tensors 0.19's ``pack_to_int32``). The branch
+  factors use it in every format version, the path weights up to format version 2;
+* the *MMA block* packing (:func:`pack_mma_weight`, format version 3 path weights): 64-code
+  blocks whose bytes split into 32-bit registers that feed an int8 tensor-core MMA after one
+  mask-and-shift per register (see there). :func:`dense_to_mma` converts version-2 weights.
 """
 
 from __future__ import annotations
@@ -18,12 +24,19 @@ from torch import Tensor
 __all__ = [
     "EPS",
     "apply_kron",
+    "MMA_BLOCK",
+    "dense_to_mma",
     "imatmul",
+    "mma_block_bytes",
+    "mma_offset",
+    "mma_weight_words",
+    "pack_mma_weight",
     "pack_path_weight",
     "packed_words",
     "qmax_of",
     "quantize_per_token",
     "quantize_weight_per_channel",
+    "unpack_mma_weight",
     "unpack_path_weight",
 ]
 
@@ -121,6 +134,127 @@ def unpack_path_weight(packed: Tensor, bits: int, k: int) -> Tensor:
     word, off = _bit_slots(k, bits, packed.device)
     v = (w[:, word] | (w[:, word + 1] << 32)) >> off
     return ((v & ((1 << bits) - 1)) - (1 << (bits - 1))).to(torch.int8)
+
+
+#: Codes per block of the MMA block packing (a multiple of the int8 MMA's K step, 32, and of
+#: every piece split below; independent of the GPU tile configuration).
+MMA_BLOCK = 64
+
+
+def mma_block_bytes(bits: int) -> int:
+    """Bytes of one 64-code block of :func:`pack_mma_weight`: ``8 * bits`` for 2-4 bits,
+    64 (one int8 byte per code) for 5-8 bits."""
+    qmax_of(bits)
+    return 8 * int(bits) if int(bits) <= 4 else MMA_BLOCK
+
+
+def mma_offset(bits: int) -> int:
+    """The offset kept in the stored codes of :func:`pack_mma_weight`: ``2^(bits-1)`` for 2-4
+    bits (stored unsigned), 0 for 5-8 bits (stored as signed int8)."""
+    return 1 << (int(bits) - 1) if int(bits) <= 4 else 0
+
+
+def mma_weight_words(k: int, bits: int) -> int:
+    """int32 words per row of :func:`pack_mma_weight` for ``k`` codes (whole 64-code blocks)."""
+    return math.ceil(int(k) / MMA_BLOCK) * mma_block_bytes(bits) // 4
+
+
+def _mma_blocks(u: Tensor, bits: int) -> Tensor:
+    """(rows, nb, 64) stored codes -> (rows, nb, block bytes) uint8 (see pack_mma_weight)."""
+    rows, nb, _ = u.shape
+    if bits == 4:
+        out = u[..., :32] | (u[..., 32:] << 4)
+    elif bits == 2:
+        v = u.reshape(rows, nb, 4, 16)
+        out = v[:, :, 0] | (v[:, :, 1] << 2) | (v[:, :, 2] << 4) | (v[:, :, 3] << 6)
+    elif bits == 3:
+        v = u.reshape(rows, nb, 8, 8)  # [piece s, byte j]: code 8 s + j
+        lo, hi = v & 3, v >> 2
+        a = lo[:, :, 0] | (lo[:, :, 1] << 2) | (lo[:, :, 2] << 4) | (lo[:, :, 3] << 6)
+        b = lo[:, :, 4] | (lo[:, :, 5] << 2) | (lo[:, :, 6] << 4) | (lo[:, :, 7] << 6)
+        h = sum(hi[:, :, s] << s for s in range(8))
+        out = torch.cat([a, b, h], dim=2)
+    else:
+        out = u
+    return out.to(torch.uint8)
+
+
+def pack_mma_weight(w_int8: Tensor, bits: int) -> Tensor:
+    """Pack int8 codes (rows, k) into the MMA block layout: int32 (rows, mma_weight_words).
+
+    Each row is cut into blocks of 64 codes (``MMA_BLOCK``; the last block is filled with code
+    0). Codes of 2-4 bits are stored offset, ``u = q + 2^(b-1)`` in ``[0, 2^b)``; 5-8-bit
+    codes are stored as their signed int8 bytes. A block's bytes, ``u[c]`` its code ``c``:
+
+    * 4 bits, 32 bytes: byte ``j`` (0-31) holds ``u[j]`` in its low nibble and ``u[j + 32]``
+      in its high nibble;
+    * 2 bits, 16 bytes: byte ``j`` (0-15) holds ``u[j + 16 s]`` at bits ``2s, 2s+1``, s = 0-3;
+    * 3 bits, 24 bytes (a 2-bit plane in two halves and a 1-bit plane): byte ``j`` (0-7) holds
+      the low two bits of ``u[j + 8 s]`` at bits ``2s`` (s = 0-3), byte ``8 + j`` those of
+      ``u[32 + j + 8 s]``, and byte ``16 + j`` bit 2 of ``u[j + 8 s]`` at bit ``s`` (s = 0-7);
+    * 5-8 bits, 64 bytes: byte ``j`` is ``q[j]``.
+
+    The bytes of a row follow each other block by block and are read as little-endian int32
+    words. Why: one 32-bit register of a block (4 bytes) gives 4 codes of each of its pieces
+    with one shift and one mask (two for the 3-bit high bit), the pieces land in the same
+    thread's registers of the int8 MMA fragment, and the offset is subtracted once per
+    token in the GEMM's epilogue (``2^(b-1) * sum_k x[t, k]``). The layout depends on nothing
+    but ``bits``: any GPU tile whose K step is a multiple of 64 (and of 128 at 3 bits)
+    reads whole blocks.
+    """
+    if w_int8.dtype != torch.int8:
+        raise TypeError(f"expected int8 codes, got {w_int8.dtype}")
+    bits = int(bits)
+    qmax_of(bits)
+    rows, k = w_int8.shape
+    if k == 0:
+        return torch.zeros(rows, 0, dtype=torch.int32, device=w_int8.device)
+    nb = math.ceil(k / MMA_BLOCK)
+    pad = nb * MMA_BLOCK - k
+    if bits > 4:
+        q = torch.nn.functional.pad(w_int8, (0, pad)).view(torch.uint8)
+        out = q.reshape(rows, nb * MMA_BLOCK)
+    else:
+        u = w_int8.to(torch.int16) + mma_offset(bits)
+        u = torch.nn.functional.pad(u, (0, pad), value=mma_offset(bits))
+        out = _mma_blocks(u.reshape(rows, nb, MMA_BLOCK), bits).reshape(rows, -1)
+    return out.contiguous().view(torch.int32).contiguous()
+
+
+def unpack_mma_weight(packed: Tensor, bits: int, k: int) -> Tensor:
+    """Inverse of :func:`pack_mma_weight`: int32 (rows, words) -> int8 codes (rows, k)."""
+    bits, k = int(bits), int(k)
+    if packed.dtype != torch.int32:
+        raise TypeError(f"expected int32 words, got {packed.dtype}")
+    if packed.shape[1] != mma_weight_words(k, bits):
+        raise ValueError(
+            f"{packed.shape[1]} words per row, the MMA block packing of {k} {bits}-bit codes "
+            f"has {mma_weight_words(k, bits)}"
+        )
+    rows = packed.shape[0]
+    if k == 0:
+        return torch.zeros(rows, 0, dtype=torch.int8, device=packed.device)
+    nb = math.ceil(k / MMA_BLOCK)
+    by = packed.contiguous().view(torch.uint8).reshape(rows, nb, mma_block_bytes(bits))
+    if bits > 4:
+        return by.view(torch.int8).reshape(rows, -1)[:, :k].contiguous()
+    by = by.to(torch.int16)
+    if bits == 4:
+        u = torch.cat([by & 15, by >> 4], dim=2)
+    elif bits == 2:
+        u = torch.cat([(by >> (2 * s)) & 3 for s in range(4)], dim=2)
+    else:
+        a, b, h = by[:, :, :8], by[:, :, 8:16], by[:, :, 16:]
+        lo = [(a >> (2 * s)) & 3 for s in range(4)] + [(b >> (2 * s)) & 3 for s in range(4)]
+        u = torch.cat([lo[s] | (((h >> s) & 1) << 2) for s in range(8)], dim=2)
+    q = u.reshape(rows, nb * MMA_BLOCK)[:, :k] - mma_offset(bits)
+    return q.to(torch.int8).contiguous()
+
+
+def dense_to_mma(packed: Tensor, bits: int, k: int) -> Tensor:
+    """Repack path weights from the dense packing (format version 2) to the MMA block
+    packing (version 3)."""
+    return pack_mma_weight(unpack_path_weight(packed, bits, k), bits)
 
 
 def imatmul(a: Tensor, b: Tensor) -> Tensor:

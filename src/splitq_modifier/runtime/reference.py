@@ -19,10 +19,10 @@ Three stages, each a function of the input and the site's :class:`SiteParams` ``
      token -> ``uq`` (N, km), ``su`` (N,); ``g = (uq @ L4^T) * su * l4_scale``, quantized per
      token per segment -> ``gq`` (N, R2), ``sg`` (N, M).
 3. :func:`site_gemm_reference`: ``y[n, o] = sum_p sx[n, p] ws_p[o] sum_k qx_p[n, k] W_p[o, k]``
-   over the concatenated packed weights; for the rows ``o`` of linear ``j``, CWS adds
-   ``(hq_j @ L1[o, :r_j]^T) * sh[:, j] * l1_scale[o]`` (``L1`` = ``p.cws.up``) and MAC adds the
-   same from ``gq_j`` / ``L3`` = ``p.mac.up`` on text rows only (``text_mask`` None = all
-   text); then ``+ bias``, output in ``out_dtype``.
+   over the concatenated packed weights (MMA block packing, ``quant.pack_mma_weight``); for
+   the rows ``o`` of linear ``j``, CWS adds ``(hq_j @ L1[o, :r_j]^T) * sh[:, j] * l1_scale[o]``
+   (``L1`` = ``p.cws.up``) and MAC adds the same from ``gq_j`` / ``L3`` = ``p.mac.up`` on
+   text rows only (``text_mask`` None = all text); then ``+ bias``, output in ``out_dtype``.
 
 Weight-only sites (``a_bits`` all 16) skip activation quantization: ``y = xt @ W_deq^T`` in
 fp32, the branches read ``xt_m`` (their rank-r hidden states are still quantized).
@@ -41,6 +41,7 @@ from splitq_modifier.runtime.quant import (
     apply_kron,
     imatmul,
     quantize_per_token,
+    unpack_mma_weight,
     unpack_path_weight,
 )
 
@@ -161,7 +162,7 @@ def site_gemm_reference(
         k = b[i + 1] - b[i]
         if k == 0:
             continue
-        w = unpack_path_weight(p.w_packed[i], int(p.w_bits[i]), k)
+        w = unpack_mma_weight(p.w_packed[i], int(p.w_bits[i]), k)
         ws = p.w_scale[i].float()
         if p.quantized:
             acc = imatmul(acts["qx"][:, b[i] : b[i + 1]], w)
