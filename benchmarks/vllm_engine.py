@@ -99,14 +99,14 @@ def make_checkpoint(root: str | Path) -> Path:
     """Quantize the tiny Qwen2.5-VL with SplitQ W4A4 and save it; return the folder of its
     text-only re-save (``root/text``)."""
     from llmcompressor import oneshot
+
+    from splitq_modifier import SplitQModifier
     from splitq_modifier.testing.tiny import (
         build_tiny_vlm,
         calibration_dataset,
         collate,
         synthetic_samples,
     )
-
-    from splitq_modifier import SplitQModifier
 
     root = Path(root)
     tiny = build_tiny_vlm("qwen2_5_vl", hidden=128, layers=2, heads=4, kv_heads=1,

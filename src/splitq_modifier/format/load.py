@@ -50,13 +50,13 @@ from transformers.quantizers.quantizer_compressed_tensors import CompressedTenso
 from transformers.utils.quantization_config import CompressedTensorsConfig
 
 from splitq_modifier.format.spec import (
-    CONVERTED_VERSIONS,
     FORMAT_NAME,
     FORMAT_VERSION,
     SPEC_KEY,
     LinearSpec,
     SplitQFormatError,
     is_splitq_scheme,
+    upgrade_site_tensors,
 )
 from splitq_modifier.format.validate import (
     check_model_against_specs,
@@ -70,14 +70,12 @@ from splitq_modifier.runtime.modules import (
     SplitQSiteLinear,
     attach_modality_context,
 )
-from splitq_modifier.runtime.quant import dense_to_mma
 
 __all__ = [
     "SplitQCompressedTensorsHfQuantizer",
     "check_checkpoint",
     "convert_loaded_model",
     "upgrade_config_versions",
-    "upgrade_site_tensors",
 ]
 
 _FIX = (
@@ -237,18 +235,6 @@ def _owner_from_tensors(name: str, tensors: dict, **kwargs: Any) -> SplitQSiteLi
             f"values are corrupt (a model with them would give wrong outputs). {_FIX}"
         )
     return owner
-
-
-def upgrade_site_tensors(tensors: dict[str, torch.Tensor], spec: LinearSpec) -> None:
-    """Convert a site owner's loaded tensors from ``spec.version`` to :data:`FORMAT_VERSION`
-    in place (version 2: path weights repacked from the dense to the MMA block packing; the
-    branch factors keep the dense packing in every version)."""
-    if spec.version not in CONVERTED_VERSIONS:
-        return
-    for p, k in enumerate(spec.sizes):
-        name = f"weight_packed_{p}"
-        if int(k) and name in tensors:
-            tensors[name] = dense_to_mma(tensors[name], spec.weight_bits[p], int(k))
 
 
 def upgrade_config_versions(config_groups: dict) -> int:

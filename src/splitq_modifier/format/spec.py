@@ -27,6 +27,7 @@ import torch
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
 from splitq_modifier.runtime.modules import SiteBranch, SplitQSiteLinear
+from splitq_modifier.runtime.quant import dense_to_mma
 
 __all__ = [
     "FORMAT_NAME",
@@ -38,6 +39,7 @@ __all__ = [
     "BranchSpec",
     "LinearSpec",
     "is_splitq_scheme",
+    "upgrade_site_tensors",
 ]
 
 #: The compressed-tensors format name (``CompressionFormat.splitq_packed``).
@@ -294,3 +296,15 @@ def is_splitq_scheme(scheme: Any) -> bool:
     """Whether a QuantizationScheme (or its dict form) uses the splitq-packed format."""
     fmt = scheme.get("format") if isinstance(scheme, dict) else getattr(scheme, "format", None)
     return str(getattr(fmt, "value", fmt)) == FORMAT_NAME
+
+
+def upgrade_site_tensors(tensors: dict[str, torch.Tensor], spec: LinearSpec) -> None:
+    """Convert a site owner's loaded tensors from ``spec.version`` to :data:`FORMAT_VERSION`
+    in place (version 2: path weights repacked from the dense to the MMA block packing; the
+    branch factors keep the dense packing in every version)."""
+    if spec.version not in CONVERTED_VERSIONS:
+        return
+    for p, k in enumerate(spec.sizes):
+        name = f"weight_packed_{p}"
+        if int(k) and name in tensors:
+            tensors[name] = dense_to_mma(tensors[name], spec.weight_bits[p], int(k))

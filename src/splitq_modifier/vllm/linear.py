@@ -35,7 +35,7 @@ from vllm.model_executor.layers.linear import (
 )
 from vllm.model_executor.utils import set_weight_attrs
 
-from splitq_modifier.format.spec import LinearSpec, SplitQFormatError
+from splitq_modifier.format.spec import LinearSpec, SplitQFormatError, upgrade_site_tensors
 from splitq_modifier.format.validate import describe_problems, site_value_problems
 from splitq_modifier.runtime import SiteBranch, SplitQSiteLinear, site_linear
 from splitq_modifier.vllm.modality import MASK_BUFFER, make_text_mask
@@ -204,6 +204,7 @@ class SplitQLinearMethod(LinearMethodBase):
             )  # fmt: skip
 
         direct = {k: v for k, v in tensors.items() if "." not in k}
+        upgrade_site_tensors(direct, spec)  # older format versions: repacked in place
         try:
             owner = SplitQSiteLinear.owner_from_tensors(
                 direct,

@@ -33,9 +33,10 @@ __all__ = [
 ]
 
 #: ``splitq-packed`` format versions whose per-output tensors store output ``o`` in row
-#: ``o`` (so a rank's outputs are a row slice). A version that reorders rows (e.g. into
-#: tensor-core fragment order) must define its shards before tensor parallelism can use it.
-ROW_ORDER_VERSIONS = (2,)
+#: ``o`` (so a rank's outputs are a row slice): 2 (dense packing) and 3 (the MMA block
+#: packing reorders codes within a row, never rows). A version that reorders rows must
+#: define its shards before tensor parallelism can use it.
+ROW_ORDER_VERSIONS = (2, 3)
 
 
 def check_shardable(version: int, tp_size: int, where: str = "") -> None:
