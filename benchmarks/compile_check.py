@@ -135,12 +135,7 @@ def quant_spec(
         branch_bits, 0, cfg, asm=True,
     )  # fmt: skip
     opts = dict(site_quant_options(const, cfg), enable_fp_fusion=True)
-    km = site["sizes"][2]
-    ints = {
-        "stride_x": sum(site["sizes"]),
-        "stride_l2": packed_words(km, branch_bits[0]),
-        "stride_l4": packed_words(km, branch_bits[2]),
-    }
+    ints = {"stride_x": sum(site["sizes"])}
     tag = "prefill" if const["BRANCH"] == 1 else "decode"
     return (f"kernel A K1 {tag} {label}", "quant", const, opts, ints)
 
@@ -153,9 +148,7 @@ def branch_spec(label: str, site: dict, n_tokens: int, branch_bits=(4, 4, 3, 4))
         site["sizes"], site["factor_dims"], site["cws_ranks"], site["mac_ranks"], (4, 4, 4),
         branch_bits, 0, cfg, asm=True,
     )  # fmt: skip
-    km = site["sizes"][2]
-    ints = {"stride_l2": packed_words(km, branch_bits[0]),
-            "stride_l4": packed_words(km, branch_bits[2])}  # fmt: skip
+    ints = {}
     opts = {"num_warps": 4, "num_stages": 1, "enable_fp_fusion": True}
     return (f"kernel A K2 {label}", "branch", site_branch_constexprs(const), opts, ints)
 
@@ -227,10 +220,16 @@ def kernel_specs(all_sites: bool = False) -> list[tuple[str, str, dict, dict, di
     else:
         for label, model, name, n in FAMILY_SITES:
             specs.append(quant_spec(label, real_site(model, name), n))
-        specs.append(quant_spec("8-bit (exact) main path, 54x64", real_site("Qwen2.5-VL-7B",
-                                "attn_in"), SITE_QUANT_GPU_TOKENS[1], a_bits=(8, 8, 8)))  # fmt: skip
-    specs.append(branch_spec("3 linears, 4-bit CWS + 3-bit MAC factors",
-                             real_site("Qwen2.5-VL-7B", "attn_in"), SITE_QUANT_GPU_TOKENS[0]))  # fmt: skip
+        attn_7b = real_site("Qwen2.5-VL-7B", "attn_in")
+        specs.append(quant_spec("8-bit (exact) main path, 54x64", attn_7b,
+                                SITE_QUANT_GPU_TOKENS[1], a_bits=(8, 8, 8)))  # fmt: skip
+    specs.append(
+        branch_spec(
+            "3 linears, 4-bit CWS + 3-bit MAC factors",
+            real_site("Qwen2.5-VL-7B", "attn_in"),
+            SITE_QUANT_GPU_TOKENS[0],
+        )
+    )
     gemm_sites = (
         ("Qwen2.5-VL-7B", "attn_in", (4, 3, 2), (4, 4, 3, 4)),
         ("Qwen2.5-VL-7B", "mlp_in", (8, 4, 3), (3, 4, 2, 4)),

@@ -94,7 +94,10 @@ BRANCH_ROWS = 16
 TILE_MAX = 8192
 #: Largest whole-token tile of a mode-2 path (``NPA * NPB``).
 PAIR_MAX = 16384
-_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: x + _MAGIC rounds x to an integer (half to even), |x| < 2^22
+#: Chunk of a mode-0 path (no factor): longer paths take several passes over ``x``.
+COPY_CHUNK = 2048
+#: 1.5 * 2^23: ``x + _MAGIC`` rounds ``x`` to an integer, half to even (``|x| < 2^22``).
+_MAGIC = tl.constexpr(12582912.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,8 +218,39 @@ def _gather(x_row, perm_ptr, smooth_ptr, col, m):
 
 
 @triton.jit
+def _fast_factors(
+    f_ptr, MODE: tl.constexpr, N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
+    NP0: tl.constexpr, NP1: tl.constexpr, NP2: tl.constexpr, F0: tl.constexpr,
+    F1: tl.constexpr, F2: tl.constexpr, FAST: tl.constexpr,
+):  # fmt: skip
+    """The fp16 factors of a fast path, loaded once per program: ``(M_0^T, M_1, M_2)``
+    zero-padded (mode 2: ``M_a^T``, ``M_b``; zeros elsewhere)."""
+    if FAST:
+        i = tl.arange(0, NP0)
+        im = i < N0
+        fa = tl.load(f_ptr + F0 + i[None, :] * N0 + i[:, None], mask=im[:, None] & im[None, :],
+                     other=0.0).to(tl.float16)  # fmt: skip
+        j = tl.arange(0, NP1)
+        jm = j < N1
+        fb = tl.load(f_ptr + F1 + j[:, None] * N1 + j[None, :], mask=jm[:, None] & jm[None, :],
+                     other=0.0).to(tl.float16)  # fmt: skip
+        if MODE == 3:
+            c = tl.arange(0, NP2)
+            cm = c < N2
+            fc = tl.load(f_ptr + F2 + c[:, None] * N2 + c[None, :],
+                         mask=cm[:, None] & cm[None, :], other=0.0).to(tl.float16)  # fmt: skip
+        else:
+            fc = 0.0
+    else:
+        fa = 0.0
+        fb = 0.0
+        fc = 0.0
+    return fa, fb, fc
+
+
+@triton.jit
 def _tile(
-    x_row, perm_ptr, smooth_ptr, f_ptr, scr, c0, zsc, inv_zsc,
+    x_row, perm_ptr, smooth_ptr, f_ptr, fa, fb, scr, c0, zsc, inv_zsc,
     START: tl.constexpr, K: tl.constexpr, MODE: tl.constexpr, N0: tl.constexpr,
     N1: tl.constexpr, N2: tl.constexpr, NP0: tl.constexpr, NP1: tl.constexpr,
     F0: tl.constexpr, F1: tl.constexpr, CB: tl.constexpr, FAST: tl.constexpr,
@@ -229,7 +263,8 @@ def _tile(
     Mode 0: channels ``[c0, c0 + CB)``. Mode 1: the whole path (``N0``, padded ``NP0``).
     Mode 2: the whole path (``N0 x N1``, padded ``NP0 x NP1``). Mode 3: the first factor
     (``N0``) on columns ``[c0, c0 + CB)`` of the scratch ``Z`` (``N0 x N1 N2``), ``zsc``
-    being the token's scale of ``Z``.
+    being the token's scale of ``Z``. Fast paths take their fp16 factors ``fa`` (the first,
+    transposed) and ``fb`` (mode 2's second) from :func:`_fast_factors`; exact paths load them.
     """
     if MODE == 0:
         col = c0 + tl.arange(0, CB)
@@ -254,16 +289,16 @@ def _tile(
         col = j[:, None] * N1 + c[None, :]
         m = jm[:, None] & cm[None, :]
         v = _gather(x_row, perm_ptr + START, smooth_ptr + START, col, m)  # [NPA (j), NPB (c)]
-        mat_b = tl.load(f_ptr + F1 + c[:, None] * N1 + c[None, :],
-                        mask=cm[:, None] & cm[None, :], other=0.0)  # fmt: skip
-        # (i, j) = M_a[j, i]: the left operand of Y = M_a^T Z
-        mat_at = tl.load(f_ptr + F0 + j[None, :] * N0 + j[:, None],
-                         mask=jm[:, None] & jm[None, :], other=0.0)  # fmt: skip
         if FAST:
             sc, inv_sc = _pow2_scale(tl.max(tl.abs(v)))
-            z = tl.dot((v * sc).to(tl.float16), mat_b.to(tl.float16))
-            y = tl.dot(mat_at.to(tl.float16), z.to(tl.float16))
+            z = tl.dot((v * sc).to(tl.float16), fb)
+            y = tl.dot(fa, z.to(tl.float16))
         else:
+            mat_b = tl.load(f_ptr + F1 + c[:, None] * N1 + c[None, :],
+                            mask=cm[:, None] & cm[None, :], other=0.0)  # fmt: skip
+            # (i, j) = M_a[j, i]: the left operand of Y = M_a^T Z
+            mat_at = tl.load(f_ptr + F0 + j[None, :] * N0 + j[:, None],
+                             mask=jm[:, None] & jm[None, :], other=0.0)  # fmt: skip
             sc = 1.0
             inv_sc = 1.0
             z = _dot32(v, mat_b, PREC)
@@ -276,11 +311,11 @@ def _tile(
         im = i < N0
         m = im[:, None] & (cc < C)[None, :]
         z = tl.load(scr + i[:, None] * C + cc[None, :], mask=m, other=0.0)  # [NP0 (a), CB]
-        mat_0t = tl.load(f_ptr + F0 + i[None, :] * N0 + i[:, None],
-                         mask=im[:, None] & im[None, :], other=0.0)  # fmt: skip
         if FAST:
-            y = tl.dot(mat_0t.to(tl.float16), (z * zsc).to(tl.float16))
+            y = tl.dot(fa, (z * zsc).to(tl.float16))
         else:
+            mat_0t = tl.load(f_ptr + F0 + i[None, :] * N0 + i[:, None],
+                             mask=im[:, None] & im[None, :], other=0.0)  # fmt: skip
             y = _dot32(mat_0t, z, PREC)
         col = i[:, None] * C + cc[None, :]
         sc = zsc
@@ -290,7 +325,7 @@ def _tile(
 
 @triton.jit
 def _triple_stage1(
-    x_row, perm_ptr, smooth_ptr, f_ptr, scr,
+    x_row, perm_ptr, smooth_ptr, f_ptr, fb, fc, scr,
     START: tl.constexpr, N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
     NP1: tl.constexpr, NP2: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr,
     SA: tl.constexpr, FAST: tl.constexpr, PREC: tl.constexpr,
@@ -308,25 +343,31 @@ def _triple_stage1(
     c = tl.arange(0, NP2)
     jm = j < N1
     cm = c < N2
-    mat_2 = tl.load(f_ptr + F2 + c[:, None] * N2 + c[None, :], mask=cm[:, None] & cm[None, :],
-                    other=0.0)  # fmt: skip
-    mat_1 = tl.load(f_ptr + F1 + j[:, None] * N1 + j[None, :], mask=jm[:, None] & jm[None, :],
-                    other=0.0)  # fmt: skip
+    if FAST:
+        mat_2 = fc
+        mat_1 = fb
+    else:
+        mat_2 = tl.load(f_ptr + F2 + c[:, None] * N2 + c[None, :],
+                        mask=cm[:, None] & cm[None, :], other=0.0)  # fmt: skip
+        mat_1 = tl.load(f_ptr + F1 + j[:, None] * N1 + j[None, :],
+                        mask=jm[:, None] & jm[None, :], other=0.0)  # fmt: skip
     zmax = tl.zeros([], dtype=tl.float32)
     for a0 in range(0, N0, SA):
         a = a0 + sl
         am = a < N0
         col = (a * C)[:, None, None] + (j * N2)[None, :, None] + c[None, None, :]
         m = am[:, None, None] & jm[None, :, None] & cm[None, None, :]
-        v = tl.reshape(_gather(x_row, perm_ptr + START, smooth_ptr + START, col, m), [SA * NP1, NP2])
+        v = tl.reshape(
+            _gather(x_row, perm_ptr + START, smooth_ptr + START, col, m), [SA * NP1, NP2]
+        )
         if FAST:
             sc, inv_sc = _pow2_scale(tl.max(tl.abs(v)))
-            z = tl.dot((v * sc).to(tl.float16), mat_2.to(tl.float16)).to(tl.float16)
+            z = tl.dot((v * sc).to(tl.float16), mat_2).to(tl.float16)
         else:
             z = _dot32(v, mat_2, PREC)
         z = tl.reshape(tl.permute(tl.reshape(z, [SA, NP1, NP2]), (0, 2, 1)), [SA * NP2, NP1])
         if FAST:
-            y = tl.dot(z, mat_1.to(tl.float16)) * inv_sc
+            y = tl.dot(z, mat_1) * inv_sc
         else:
             y = _dot32(z, mat_1, PREC)
         y = tl.reshape(y, [SA, NP2, NP1])  # (a, o2, i1): channel a*C + i1*N2 + o2
@@ -341,7 +382,7 @@ def _triple_stage1(
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _path(
-    x_row, perm_ptr, smooth_ptr, f_ptr, clip_ptr, q_row, u_row, scr,
+    x_row, perm_ptr, smooth_ptr, f_ptr, fa, fb, fc, clip_ptr, q_row, u_row, scr,
     P: tl.constexpr, START: tl.constexpr, K: tl.constexpr, MODE: tl.constexpr,
     N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, NP0: tl.constexpr,
     NP1: tl.constexpr, NP2: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr,
@@ -351,9 +392,11 @@ def _path(
 ):  # fmt: skip
     """Transform and quantize path ``P`` of one token (module doc). Stores the codes at
     ``q_row + START`` (``qx[t, START:]``) and, with ``MAC``, the MAC input codes at ``u_row``
-    (``uq[t, :]``). Returns ``(s, qsum, su)`` (``su`` 0 without ``MAC``)."""
+    (``uq[t, :]``). Returns ``(s, qsum, su, usum)`` (the scale and code sum of the path and
+    of the MAC input; 0 without ``MAC``)."""
     clip = tl.load(clip_ptr + P)
     su = tl.zeros([], dtype=tl.float32)
+    usum = tl.zeros([], dtype=tl.float32)
     if K == 0:
         s = token_scale(tl.zeros([], dtype=tl.float32) * clip, QMAX)
         qsum = tl.zeros([], dtype=tl.float32)
@@ -361,16 +404,16 @@ def _path(
         zsc = 1.0
         inv_zsc = 1.0
         if MODE == 3:
-            zmax = _triple_stage1(x_row, perm_ptr, smooth_ptr, f_ptr, scr, START, N0, N1, N2,
-                                  NP1, NP2, F1, F2, SA, FAST, PREC)  # fmt: skip
+            zmax = _triple_stage1(x_row, perm_ptr, smooth_ptr, f_ptr, fb, fc, scr, START, N0,
+                                  N1, N2, NP1, NP2, F1, F2, SA, FAST, PREC)  # fmt: skip
             tl.debug_barrier()  # the slot is read by other threads below
             if FAST:
                 zsc, inv_zsc = _pow2_scale(zmax)
         if NCH == 1:
             # The whole token is one register tile: every pass on the same registers.
-            y, col, m, sc, inv_sc = _tile(x_row, perm_ptr, smooth_ptr, f_ptr, scr, 0, zsc,
-                                          inv_zsc, START, K, MODE, N0, N1, N2, NP0, NP1, F0,
-                                          F1, CB, FAST, PREC)  # fmt: skip
+            y, col, m, sc, inv_sc = _tile(x_row, perm_ptr, smooth_ptr, f_ptr, fa, fb, scr, 0,
+                                          zsc, inv_zsc, START, K, MODE, N0, N1, N2, NP0, NP1,
+                                          F0, F1, CB, FAST, PREC)  # fmt: skip
             s, s_eff, inv = _scale_of(tl.max(tl.abs(y)), inv_sc, sc, clip, QMAX)
             q, code = _codes(y, inv, s, QMAX, FAST)
             tl.store(q_row + START + col, code, mask=m)
@@ -378,44 +421,60 @@ def _path(
             if MAC:
                 u = _residual(y, q, s_eff, MAC_INPUT, FAST, ASM)
                 su, su_eff, inv_u = _scale_of(tl.max(tl.abs(u)), inv_sc, sc, 1.0, QMAX_U)
-                _uf, ucode = _codes(u, inv_u, su, QMAX_U, FAST, False)
+                uf, ucode = _codes(u, inv_u, su, QMAX_U, FAST, False)
                 tl.store(u_row + col, ucode, mask=m)
+                usum = tl.sum(uf)
         else:
-            # Chunked: absmax, then codes (+ MAC absmax), then MAC codes, recomputing the
-            # chunk each pass from x or the scratch slot (on chip / L2).
+            # Chunked: absmax, then codes (+ MAC absmax), then MAC codes. Each pass recomputes
+            # the chunk from x (mode 0) or the scratch slot (mode 3; on chip / L2); mode 3's
+            # second pass overwrites the slot's chunk with u (its Z columns are done with),
+            # which the third pass reads back.
             amax = tl.zeros([], dtype=tl.float32)
             for c0 in range(0, NCH * CB, CB):
-                y, col, m, sc, inv_sc = _tile(x_row, perm_ptr, smooth_ptr, f_ptr, scr, c0, zsc,
-                                              inv_zsc, START, K, MODE, N0, N1, N2, NP0, NP1,
-                                              F0, F1, CB, FAST, PREC)  # fmt: skip
+                y, col, m, sc, inv_sc = _tile(x_row, perm_ptr, smooth_ptr, f_ptr, fa, fb, scr,
+                                              c0, zsc, inv_zsc, START, K, MODE, N0, N1, N2, NP0,
+                                              NP1, F0, F1, CB, FAST, PREC)  # fmt: skip
                 amax = tl.maximum(amax, tl.max(tl.abs(y)))
             s, s_eff, inv = _scale_of(amax, inv_zsc, zsc, clip, QMAX)
             qsum = tl.zeros([], dtype=tl.float32)
             umax = tl.zeros([], dtype=tl.float32)
             for c0 in range(0, NCH * CB, CB):
-                y, col, m, sc, inv_sc = _tile(x_row, perm_ptr, smooth_ptr, f_ptr, scr, c0, zsc,
-                                              inv_zsc, START, K, MODE, N0, N1, N2, NP0, NP1,
-                                              F0, F1, CB, FAST, PREC)  # fmt: skip
+                y, col, m, sc, inv_sc = _tile(x_row, perm_ptr, smooth_ptr, f_ptr, fa, fb, scr,
+                                              c0, zsc, inv_zsc, START, K, MODE, N0, N1, N2, NP0,
+                                              NP1, F0, F1, CB, FAST, PREC)  # fmt: skip
                 q, code = _codes(y, inv, s, QMAX, FAST)
                 tl.store(q_row + START + col, code, mask=m)
                 qsum += tl.sum(q)
                 if MAC:
                     u = _residual(y, q, s_eff, MAC_INPUT, FAST, ASM)
                     umax = tl.maximum(umax, tl.max(tl.abs(u)))
+                    if MODE == 3:
+                        tl.debug_barrier()  # every thread has read this chunk of Z
+                        tl.store(scr + col, u, mask=m)
             if MAC:
                 su, su_eff, inv_u = _scale_of(umax, inv_zsc, zsc, 1.0, QMAX_U)
+                if MODE == 3:
+                    tl.debug_barrier()
                 for c0 in range(0, NCH * CB, CB):
-                    y, col, m, sc, inv_sc = _tile(x_row, perm_ptr, smooth_ptr, f_ptr, scr, c0,
-                                                  zsc, inv_zsc, START, K, MODE, N0, N1, N2,
-                                                  NP0, NP1, F0, F1, CB, FAST,
-                                                  PREC)  # fmt: skip
-                    q, code = _codes(y, inv, s, QMAX, FAST)
-                    u = _residual(y, q, s_eff, MAC_INPUT, FAST, ASM)
-                    _uf, ucode = _codes(u, inv_u, su, QMAX_U, FAST, False)
+                    if MODE == 3:
+                        i = tl.arange(0, NP0)
+                        cc = c0 + tl.arange(0, CB)
+                        col = i[:, None] * (N1 * N2) + cc[None, :]
+                        m = (i < N0)[:, None] & (cc < N1 * N2)[None, :]
+                        u = tl.load(scr + col, mask=m, other=0.0)
+                    else:
+                        y, col, m, sc, inv_sc = _tile(x_row, perm_ptr, smooth_ptr, f_ptr, fa, fb,
+                                                      scr, c0, zsc, inv_zsc, START, K, MODE, N0,
+                                                      N1, N2, NP0, NP1, F0, F1, CB, FAST,
+                                                      PREC)  # fmt: skip
+                        q, code = _codes(y, inv, s, QMAX, FAST)
+                        u = _residual(y, q, s_eff, MAC_INPUT, FAST, ASM)
+                    uf, ucode = _codes(u, inv_u, su, QMAX_U, FAST, False)
                     tl.store(u_row + col, ucode, mask=m)
+                    usum += tl.sum(uf)
         if MODE == 3:
             tl.debug_barrier()  # the next token overwrites the slot
-    return s, qsum, su
+    return s, qsum, su, usum
 
 
 @triton.jit
@@ -486,120 +545,141 @@ def _path_rows(
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _branch_partial(
-    a_ptr, a_stride, rows, row_mask, f_ptr, f_stride, r0, k_lo, k_hi,
-    K: tl.constexpr, R: tl.constexpr, BITS: tl.constexpr, BK: tl.constexpr,
-    ASM: tl.constexpr,
+    a_ptr, a_stride, rows, row_mask, f_ptr, k_lo, k_hi,
+    R0: tl.constexpr, RC: tl.constexpr, K: tl.constexpr, R: tl.constexpr,
+    BITS: tl.constexpr, F_STRIDE: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr,
 ):  # fmt: skip
-    """int32 ``[16, 32]``: ``sum_{k in [k_lo, k_hi)} a[row, k] * L[r0 + r, k]``.
+    """int32 ``[16, RC]``: ``sum_{k in [k_lo, k_hi)} a[row, k] * L'[R0 + r, k]``.
 
     ``a``: int8 codes, row ``rows[i]`` at ``a_ptr + rows[i] * a_stride``; ``L``: the branch's
-    down factors, dense-packed ``BITS``-bit codes, row stride ``f_stride`` (int32 words; for
+    down factors, dense-packed ``BITS``-bit codes, row stride ``F_STRIDE`` (int32 words; for
     4-bit factors ``f_ptr`` points to the same rows as bytes). ``k_lo`` is a multiple of
-    ``BK``. 4-bit: each byte holds codes ``2j`` and ``2j + 1`` (+8 each), so the even and
-    odd activation columns meet the low and high nibbles in two dots and the +8 comes off
-    as ``8 * sum_k a``; other widths: :func:`common.load_packed_kmajor`. Padding codes
-    (``k >= K``, ranks >= ``R``) meet zero activations or are masked."""
+    ``BK``. 4-bit: each byte holds codes ``2j`` and ``2j + 1`` offset by +8, which stays in
+    ``L'`` (``L' = L + 8``; :func:`_branch_epilogue` subtracts ``8 * sum_k a``): the even and
+    odd activation columns meet the low and high nibbles in two dots. Other widths:
+    ``L' = L`` (:func:`common.load_packed_kmajor`). Padding codes (``k >= K``, ranks >= ``R``)
+    meet zero activations or are masked."""
     TM: tl.constexpr = 16
-    RC: tl.constexpr = 32
-    r = r0 + tl.arange(0, RC)
+    r = R0 + tl.arange(0, RC)
     rm = r < R
     acc = tl.zeros([TM, RC], dtype=tl.int32)
     a_row = a_ptr + rows.to(tl.int64)[:, None] * a_stride
     if BITS == 4:
         NBYTES: tl.constexpr = (K + 1) // 2
-        asum = tl.zeros([TM], dtype=tl.int32)
-        for k0 in range(k_lo, k_hi, BK):
-            kk = k0 + tl.arange(0, BK)
-            a = tl.load(a_row + kk[None, :], mask=row_mask[:, None] & (kk < K)[None, :], other=0)
-            asum += tl.sum(a.to(tl.int32), axis=1)
+        jb = k_lo // 2 + tl.arange(0, BK // 2)
+        b_ptrs = f_ptr + r[None, :].to(tl.int64) * (4 * F_STRIDE) + jb[:, None]
+    for k0 in range(k_lo, k_hi, BK):
+        k0 = tl.multiple_of(k0, BK)
+        kk = k0 + tl.arange(0, BK)
+        a = tl.load(a_row + kk[None, :], mask=row_mask[:, None] & (kk < K)[None, :], other=0)
+        if BITS == 4:
             a_e, a_o = tl.split(tl.reshape(a, [TM, BK // 2, 2]))
-            jb = k0 // 2 + tl.arange(0, BK // 2)
-            b = tl.load(f_ptr + r[None, :] * (4 * f_stride) + jb[:, None],
-                        mask=rm[None, :] & (jb < NBYTES)[:, None], other=0)  # fmt: skip
+            b = tl.load(b_ptrs, mask=rm[None, :] & (jb < NBYTES)[:, None], other=0)
             lo, hi = _nibbles(b, ASM)  # [BK/2, RC]: codes 2j and 2j+1 of rank r, +8
             acc = tl.dot(a_e, lo, acc, out_dtype=tl.int32)
             acc = tl.dot(a_o, hi, acc, out_dtype=tl.int32)
-        acc = acc - 8 * asum[:, None]
-    else:
-        for k0 in range(k_lo, k_hi, BK):
-            kk = k0 + tl.arange(0, BK)
-            a = tl.load(a_row + kk[None, :], mask=row_mask[:, None] & (kk < K)[None, :], other=0)
-            w = load_packed_kmajor(f_ptr, r, rm, f_stride, k0, K, BITS, BK, RC)
+            b_ptrs += BK // 2
+            jb += BK // 2
+        else:
+            w = load_packed_kmajor(f_ptr, r, rm, F_STRIDE, k0, K, BITS, BK, RC)
             acc = tl.dot(a, w, acc, out_dtype=tl.int32)
     return acc
 
 
 @triton.jit
 def _branch_epilogue(
-    acc_ptr, acc_stride, col0, rows, row_mask, tok_scale, ds_ptr, q_ptr, s_ptr,
-    SEGS: tl.constexpr, QMAX: tl.constexpr, RP2: tl.constexpr, VOLATILE: tl.constexpr,
+    acc_ptr, acc_stride, col0, rows, row_mask, tok_scale, code_sum, ds_ptr, q_ptr, s_ptr,
+    SEGS: tl.constexpr, QMAX: tl.constexpr, RP2: tl.constexpr, OFFSET: tl.constexpr,
+    VOLATILE: tl.constexpr,
 ):  # fmt: skip
-    """Hidden states of one branch for a 16-row tile: ``h = acc * tok_scale * down_scale``
-    (the reference's order), quantized per token and linear segment into ``q_ptr`` (N, R)
-    int8 and ``s_ptr`` (N, M). ``VOLATILE``: read ``acc`` past L1 (other programs' atomics)."""
+    """Hidden states of one branch for a 16-row tile: ``h = (acc - OFFSET * code_sum) *
+    tok_scale * down_scale`` (the reference's order; ``OFFSET`` the factors' code offset left
+    in by :func:`_branch_partial`), quantized per token and linear segment into ``q_ptr``
+    (N, R) int8 and ``s_ptr`` (N, M). ``VOLATILE``: read ``acc`` past L1 (other programs'
+    atomics)."""
     R: tl.constexpr = SEGS[len(SEGS) - 1][1]
     r = tl.arange(0, RP2)
     rm = r < R
     m = row_mask[:, None] & rm[None, :]
     a = tl.load(acc_ptr + rows.to(tl.int64)[:, None] * acc_stride + col0 + r[None, :], mask=m,
                 other=0, volatile=VOLATILE)  # fmt: skip
+    if OFFSET != 0:
+        a = a - OFFSET * code_sum[:, None]
     ws = tl.load(ds_ptr + r, mask=rm, other=0.0)
-    h = a.to(tl.float32) * tok_scale[:, None] * ws[None, :]  # padded columns exactly 0
+    h = a.to(tl.float32) * tok_scale[:, None] * ws[None, :]
+    h = tl.where(m, h, 0.0)  # padded columns exactly 0
     hq = segment_quantize(h, r, rows, row_mask, s_ptr, SEGS, QMAX)
     tl.store(q_ptr + rows.to(tl.int64)[:, None] * R + r[None, :], hq.to(tl.int8), mask=m)
 
 
 @triton.jit
+def _branch_pieces(
+    a_ptr, a_stride, acc_row, rows, row_mask, k_lo, k_hi, f_ptr,
+    COL0: tl.constexpr, PIECES: tl.constexpr, K: tl.constexpr, R: tl.constexpr,
+    BITS: tl.constexpr, F_STRIDE: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr,
+    ATOMIC: tl.constexpr,
+):  # fmt: skip
+    """One branch's down-projection for a 16-row tile over ``[k_lo, k_hi)``, one K loop per
+    rank piece ``(r0, width)`` of ``PIECES`` (powers of two >= 32 adding up to the rank padded
+    to 32), into ``acc`` at column ``COL0 + r0`` (stored, or added with relaxed integer
+    atomics when ``ATOMIC``)."""
+    for i in tl.static_range(len(PIECES)):
+        part = _branch_partial(a_ptr, a_stride, rows, row_mask, f_ptr, k_lo, k_hi, PIECES[i][0],
+                               PIECES[i][1], K, R, BITS, F_STRIDE, BK, ASM)  # fmt: skip
+        rc = PIECES[i][0] + tl.arange(0, PIECES[i][1])
+        m = row_mask[:, None] & (rc < R)[None, :]
+        if ATOMIC:
+            tl.atomic_add(acc_row + COL0 + rc[None, :], part, mask=m, sem="relaxed")
+        else:
+            tl.store(acc_row + COL0 + rc[None, :], part, mask=m)
+
+
+@triton.jit
 def _branch_block(
-    qx_ptr, uq_ptr, acc_ptr, rows, row_mask, k_lo, k_hi, l2_ptr, stride_l2, l4_ptr, stride_l4,
+    qx_ptr, uq_ptr, acc_ptr, rows, row_mask, k_lo, k_hi, l2_ptr, l4_ptr,
     D: tl.constexpr, START_M: tl.constexpr, KM: tl.constexpr, ACC_W: tl.constexpr,
     HAS_CWS: tl.constexpr, CWS_W_BITS: tl.constexpr, SEG1: tl.constexpr, R1P: tl.constexpr,
-    HAS_MAC: tl.constexpr, MAC_W_BITS: tl.constexpr, SEG2: tl.constexpr,
-    BK: tl.constexpr, ASM: tl.constexpr, ATOMIC: tl.constexpr,
+    PIECES1: tl.constexpr, W2: tl.constexpr, HAS_MAC: tl.constexpr, MAC_W_BITS: tl.constexpr,
+    SEG2: tl.constexpr, PIECES2: tl.constexpr, W4: tl.constexpr, BK: tl.constexpr,
+    ASM: tl.constexpr, ATOMIC: tl.constexpr,
 ):  # fmt: skip
-    """Both branches' int32 down-projections of a 16-row tile over ``[k_lo, k_hi)``, 32 ranks
-    at a time, into ``acc`` (stored, or added with relaxed integer atomics when ``ATOMIC``)."""
-    rc = tl.arange(0, 32)
+    """Both branches' int32 down-projections of a 16-row tile over ``[k_lo, k_hi)`` into
+    ``acc`` (CWS from the main codes in ``qx``, MAC from ``uq``; :func:`_branch_pieces`)."""
     acc_row = acc_ptr + rows.to(tl.int64)[:, None] * ACC_W
     if HAS_CWS:
-        R1: tl.constexpr = SEG1[len(SEG1) - 1][1]
-        for r0 in range(0, R1, 32):
-            part = _branch_partial(qx_ptr + START_M, D, rows, row_mask, l2_ptr, stride_l2, r0,
-                                   k_lo, k_hi, KM, R1, CWS_W_BITS, BK, ASM)  # fmt: skip
-            m = row_mask[:, None] & ((r0 + rc) < R1)[None, :]
-            if ATOMIC:
-                tl.atomic_add(acc_row + r0 + rc[None, :], part, mask=m, sem="relaxed")
-            else:
-                tl.store(acc_row + r0 + rc[None, :], part, mask=m)
+        _branch_pieces(qx_ptr + START_M, D, acc_row, rows, row_mask, k_lo, k_hi, l2_ptr, 0,
+                       PIECES1, KM, SEG1[len(SEG1) - 1][1], CWS_W_BITS, W2, BK, ASM,
+                       ATOMIC)  # fmt: skip
     if HAS_MAC:
-        R2: tl.constexpr = SEG2[len(SEG2) - 1][1]
-        for r0 in range(0, R2, 32):
-            part = _branch_partial(uq_ptr, KM, rows, row_mask, l4_ptr, stride_l4, r0, k_lo, k_hi,
-                                   KM, R2, MAC_W_BITS, BK, ASM)  # fmt: skip
-            m = row_mask[:, None] & ((r0 + rc) < R2)[None, :]
-            if ATOMIC:
-                tl.atomic_add(acc_row + R1P + r0 + rc[None, :], part, mask=m, sem="relaxed")
-            else:
-                tl.store(acc_row + R1P + r0 + rc[None, :], part, mask=m)
+        _branch_pieces(uq_ptr, KM, acc_row, rows, row_mask, k_lo, k_hi, l4_ptr, R1P, PIECES2,
+                       KM, SEG2[len(SEG2) - 1][1], MAC_W_BITS, W4, BK, ASM, ATOMIC)  # fmt: skip
 
 
 @triton.jit
 def _branch_finish(
-    sx_ptr, su_ptr, acc_ptr, rows, row_mask,
+    sx_ptr, qsum_ptr, su_ptr, acc_ptr, rows, row_mask,
     l2s_ptr, hq_ptr, sh_ptr, l4s_ptr, gq_ptr, sg_ptr,
-    ACC_W: tl.constexpr, HAS_CWS: tl.constexpr, QMAX_CWS: tl.constexpr, SEG1: tl.constexpr,
-    R1P: tl.constexpr, R1_POW2: tl.constexpr, HAS_MAC: tl.constexpr, QMAX_MAC: tl.constexpr,
-    SEG2: tl.constexpr, R2_POW2: tl.constexpr, VOLATILE: tl.constexpr,
+    ACC_W: tl.constexpr, HAS_CWS: tl.constexpr, CWS_W_BITS: tl.constexpr,
+    QMAX_CWS: tl.constexpr, SEG1: tl.constexpr, R1P: tl.constexpr, R1_POW2: tl.constexpr,
+    HAS_MAC: tl.constexpr, MAC_W_BITS: tl.constexpr, QMAX_MAC: tl.constexpr,
+    SEG2: tl.constexpr, R2P: tl.constexpr, R2_POW2: tl.constexpr, VOLATILE: tl.constexpr,
 ):  # fmt: skip
-    """Epilogues of both branches for a 16-row tile (CWS scaled by ``s_m``, MAC by ``su``)."""
+    """Epilogues of both branches for a 16-row tile (CWS scaled by ``s_m``, its offset removed
+    with ``qsum_m``; MAC by ``su``, with the MAC code sums K1 left in ``acc``'s column
+    ``R1P + R2P``)."""
     if HAS_CWS:
         s_m = tl.load(sx_ptr + rows * 3 + 2, mask=row_mask, other=0.0)
-        _branch_epilogue(acc_ptr, ACC_W, 0, rows, row_mask, s_m, l2s_ptr, hq_ptr, sh_ptr, SEG1,
-                         QMAX_CWS, R1_POW2, VOLATILE)  # fmt: skip
+        qs = tl.load(qsum_ptr + rows * 3 + 2, mask=row_mask, other=0)
+        _branch_epilogue(acc_ptr, ACC_W, 0, rows, row_mask, s_m, qs, l2s_ptr, hq_ptr, sh_ptr,
+                         SEG1, QMAX_CWS, R1_POW2, 8 if CWS_W_BITS == 4 else 0,
+                         VOLATILE)  # fmt: skip
     if HAS_MAC:
         su = tl.load(su_ptr + rows, mask=row_mask, other=0.0)
-        _branch_epilogue(acc_ptr, ACC_W, R1P, rows, row_mask, su, l4s_ptr, gq_ptr, sg_ptr, SEG2,
-                         QMAX_MAC, R2_POW2, VOLATILE)  # fmt: skip
+        us = tl.load(acc_ptr + rows.to(tl.int64) * ACC_W + R1P + R2P, mask=row_mask, other=0,
+                     volatile=VOLATILE)  # fmt: skip
+        _branch_epilogue(acc_ptr, ACC_W, R1P, rows, row_mask, su, us, l4s_ptr, gq_ptr, sg_ptr,
+                         SEG2, QMAX_MAC, R2_POW2, 8 if MAC_W_BITS == 4 else 0,
+                         VOLATILE)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -609,28 +689,33 @@ def _branch_finish(
 def site_quant_kernel(
     x_ptr, stride_x, perm_ptr, smooth_ptr, f_ptr, clip_ptr,
     qx_ptr, sx_ptr, qsum_ptr, uq_ptr, su_ptr, scr_ptr, acc_ptr, cnt_ptr,
-    l2_ptr, l2s_ptr, stride_l2, hq_ptr, sh_ptr,
-    l4_ptr, l4s_ptr, stride_l4, gq_ptr, sg_ptr,
+    l2_ptr, l2s_ptr, hq_ptr, sh_ptr,
+    l4_ptr, l4s_ptr, gq_ptr, sg_ptr,
     N, T, n_blocks,
     PV: tl.constexpr, PT: tl.constexpr, PM: tl.constexpr,
     HAS_CWS: tl.constexpr, CWS_W_BITS: tl.constexpr, QMAX_CWS: tl.constexpr,
-    SEG1: tl.constexpr, R1P: tl.constexpr, R1_POW2: tl.constexpr,
+    SEG1: tl.constexpr, R1P: tl.constexpr, R1_POW2: tl.constexpr, W2: tl.constexpr,
     HAS_MAC: tl.constexpr, MAC_W_BITS: tl.constexpr, QMAX_MAC: tl.constexpr,
-    SEG2: tl.constexpr, R2P: tl.constexpr, R2_POW2: tl.constexpr, MAC_INPUT: tl.constexpr,
-    SLOT: tl.constexpr, BRANCH: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr,
-    ACC_P2: tl.constexpr,
+    SEG2: tl.constexpr, R2P: tl.constexpr, R2_POW2: tl.constexpr, W4: tl.constexpr,
+    MAC_INPUT: tl.constexpr,
+    PIECES1: tl.constexpr, PIECES2: tl.constexpr, SLOT: tl.constexpr, BRANCH: tl.constexpr,
+    BK: tl.constexpr, ASM: tl.constexpr, ACC_P2: tl.constexpr,
 ):  # fmt: skip
     """K1 (module doc). Grid ``(G,)``: program ``pid`` takes blocks ``pid, pid + G, ...`` of
     ``T <= 16`` tokens (``n_blocks = cdiv(N, T)``). ``PV``/``PT``/``PM``: the plan of each
     path (:func:`plan_path`); ``SLOT``: scratch floats per program (mode-3 paths);
     ``BRANCH``: 0 no branch, 1 down-projections here, 2 zero ``acc`` and ``cnt`` for K2
-    (``ACC_P2``: a power of two >= the ``acc`` row)."""
+    (``ACC_P2``: a power of two >= the ``acc`` row). ``acc`` rows: CWS ranks padded to 32
+    (``R1P``), MAC ranks (``R2P``), then the MAC code sum; ``PIECES1``/``PIECES2``: the rank
+    pieces of :func:`_branch_pieces`."""
     D: tl.constexpr = PV[1] + PT[1] + PM[1]
     KM: tl.constexpr = PM[1]
     START_M: tl.constexpr = PM[0]
-    ACC_W: tl.constexpr = R1P + R2P
+    ACC_W: tl.constexpr = R1P + R2P + HAS_MAC
     pid = tl.program_id(0)
     scr = scr_ptr + pid * SLOT
+    fa, fb, fc = _fast_factors(f_ptr, PM[2], PM[3], PM[4], PM[5], PM[6], PM[7], PM[8], PM[9],
+                               PM[10], PM[11], PM[15])  # fmt: skip
     for blk in range(pid, n_blocks, tl.num_programs(0)):
         row0 = blk * T
         row_end = tl.minimum(row0 + T, N)
@@ -648,48 +733,54 @@ def site_quant_kernel(
             q_row = qx_ptr + t64 * D
             u_row = uq_ptr + t64 * KM
             if PV[18] == 0:
-                s_v, qs_v, _su = _path(x_row, perm_ptr, smooth_ptr, f_ptr, clip_ptr, q_row,
-                                       u_row, scr, 0, PV[0], PV[1], PV[2], PV[3], PV[4], PV[5],
-                                       PV[6], PV[7], PV[8], PV[9], PV[10], PV[11], PV[12],
-                                       PV[13], PV[14], PV[15], PV[16], PV[17], False, 1, 0,
-                                       ASM)  # fmt: skip
+                s_v, qs_v, _su, _us = _path(
+                    x_row, perm_ptr, smooth_ptr, f_ptr, 0.0, 0.0, 0.0, clip_ptr, q_row, u_row,
+                    scr, 0, PV[0], PV[1], PV[2], PV[3], PV[4], PV[5], PV[6], PV[7], PV[8],
+                    PV[9], PV[10], PV[11], PV[12], PV[13], PV[14], PV[15], PV[16], PV[17],
+                    False, 1, 0, ASM,
+                )  # fmt: skip
                 tl.store(sx_ptr + t * 3 + 0, s_v)
                 tl.store(qsum_ptr + t * 3 + 0, qs_v.to(tl.int32))
             if PT[18] == 0:
-                s_t, qs_t, _su = _path(x_row, perm_ptr, smooth_ptr, f_ptr, clip_ptr, q_row,
-                                       u_row, scr, 1, PT[0], PT[1], PT[2], PT[3], PT[4], PT[5],
-                                       PT[6], PT[7], PT[8], PT[9], PT[10], PT[11], PT[12],
-                                       PT[13], PT[14], PT[15], PT[16], PT[17], False, 1, 0,
-                                       ASM)  # fmt: skip
+                s_t, qs_t, _su, _us = _path(
+                    x_row, perm_ptr, smooth_ptr, f_ptr, 0.0, 0.0, 0.0, clip_ptr, q_row, u_row,
+                    scr, 1, PT[0], PT[1], PT[2], PT[3], PT[4], PT[5], PT[6], PT[7], PT[8],
+                    PT[9], PT[10], PT[11], PT[12], PT[13], PT[14], PT[15], PT[16], PT[17],
+                    False, 1, 0, ASM,
+                )  # fmt: skip
                 tl.store(sx_ptr + t * 3 + 1, s_t)
                 tl.store(qsum_ptr + t * 3 + 1, qs_t.to(tl.int32))
-            s_m, qs_m, su = _path(x_row, perm_ptr, smooth_ptr, f_ptr, clip_ptr, q_row, u_row,
-                                  scr, 2, PM[0], PM[1], PM[2], PM[3], PM[4], PM[5], PM[6],
-                                  PM[7], PM[8], PM[9], PM[10], PM[11], PM[12], PM[13], PM[14],
-                                  PM[15], PM[16], PM[17], HAS_MAC, QMAX_MAC, MAC_INPUT,
-                                  ASM)  # fmt: skip
+            s_m, qs_m, su, usum = _path(
+                x_row, perm_ptr, smooth_ptr, f_ptr, fa, fb, fc, clip_ptr, q_row, u_row, scr, 2,
+                PM[0], PM[1], PM[2], PM[3], PM[4], PM[5], PM[6], PM[7], PM[8], PM[9], PM[10],
+                PM[11], PM[12], PM[13], PM[14], PM[15], PM[16], PM[17], HAS_MAC, QMAX_MAC,
+                MAC_INPUT, ASM,
+            )  # fmt: skip
             tl.store(sx_ptr + t * 3 + 2, s_m)
             tl.store(qsum_ptr + t * 3 + 2, qs_m.to(tl.int32))
             if HAS_MAC:
                 tl.store(su_ptr + t, su)
+                tl.store(acc_ptr + t64 * ACC_W + R1P + R2P, usum.to(tl.int32))
         if BRANCH == 1:
             rows = row0 + tl.arange(0, 16)
             row_mask = rows < row_end
             tl.debug_barrier()  # the block's codes, stored above by other threads
-            _branch_block(qx_ptr, uq_ptr, acc_ptr, rows, row_mask, 0, KM, l2_ptr, stride_l2,
-                          l4_ptr, stride_l4, D, START_M, KM, ACC_W, HAS_CWS, CWS_W_BITS, SEG1,
-                          R1P, HAS_MAC, MAC_W_BITS, SEG2, BK, ASM, False)  # fmt: skip
+            _branch_block(qx_ptr, uq_ptr, acc_ptr, rows, row_mask, 0, KM, l2_ptr, l4_ptr, D,
+                          START_M, KM, ACC_W, HAS_CWS, CWS_W_BITS, SEG1, R1P, PIECES1, W2,
+                          HAS_MAC, MAC_W_BITS, SEG2, PIECES2, W4, BK, ASM, False)  # fmt: skip
             tl.debug_barrier()
-            _branch_finish(sx_ptr, su_ptr, acc_ptr, rows, row_mask, l2s_ptr, hq_ptr, sh_ptr,
-                           l4s_ptr, gq_ptr, sg_ptr, ACC_W, HAS_CWS, QMAX_CWS, SEG1, R1P,
-                           R1_POW2, HAS_MAC, QMAX_MAC, SEG2, R2_POW2, False)  # fmt: skip
+            _branch_finish(sx_ptr, qsum_ptr, su_ptr, acc_ptr, rows, row_mask, l2s_ptr, hq_ptr,
+                           sh_ptr, l4s_ptr, gq_ptr, sg_ptr, ACC_W, HAS_CWS, CWS_W_BITS,
+                           QMAX_CWS, SEG1, R1P, R1_POW2, HAS_MAC, MAC_W_BITS, QMAX_MAC, SEG2,
+                           R2P, R2_POW2, False)  # fmt: skip
         elif BRANCH == 2:
             # Zero this block's rows of the K2 accumulators, and the counter of a 16-row tile
             # that starts in the block.
             zc = tl.arange(0, ACC_P2)
             for t in range(row0, row_end):
-                tl.store(acc_ptr + (tl.zeros([], dtype=tl.int64) + t) * ACC_W + zc, tl.zeros([ACC_P2], tl.int32),
-                         mask=zc < ACC_W)  # fmt: skip
+                t64 = tl.zeros([], dtype=tl.int64) + t
+                tl.store(acc_ptr + t64 * ACC_W + zc, tl.zeros([ACC_P2], tl.int32),
+                         mask=zc < R1P + R2P)  # fmt: skip
             tile = (row0 + 15) // 16
             if tile * 16 < row_end:
                 tl.store(cnt_ptr + tile, 0)
@@ -697,38 +788,39 @@ def site_quant_kernel(
 
 @triton.jit
 def site_branch_kernel(
-    qx_ptr, uq_ptr, sx_ptr, su_ptr, acc_ptr, cnt_ptr,
-    l2_ptr, l2s_ptr, stride_l2, hq_ptr, sh_ptr,
-    l4_ptr, l4s_ptr, stride_l4, gq_ptr, sg_ptr,
+    qx_ptr, uq_ptr, sx_ptr, qsum_ptr, su_ptr, acc_ptr, cnt_ptr,
+    l2_ptr, l2s_ptr, hq_ptr, sh_ptr,
+    l4_ptr, l4s_ptr, gq_ptr, sg_ptr,
     N, k_split,
     D: tl.constexpr, START_M: tl.constexpr, KM: tl.constexpr,
     HAS_CWS: tl.constexpr, CWS_W_BITS: tl.constexpr, QMAX_CWS: tl.constexpr,
-    SEG1: tl.constexpr, R1P: tl.constexpr, R1_POW2: tl.constexpr,
+    SEG1: tl.constexpr, R1P: tl.constexpr, R1_POW2: tl.constexpr, W2: tl.constexpr,
     HAS_MAC: tl.constexpr, MAC_W_BITS: tl.constexpr, QMAX_MAC: tl.constexpr,
-    SEG2: tl.constexpr, R2P: tl.constexpr, R2_POW2: tl.constexpr,
-    BK: tl.constexpr, ASM: tl.constexpr,
+    SEG2: tl.constexpr, R2P: tl.constexpr, R2_POW2: tl.constexpr, W4: tl.constexpr,
+    PIECES1: tl.constexpr, PIECES2: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr,
 ):  # fmt: skip
     """K2 (module doc). Grid ``(S, cdiv(N, 16))``: program ``(s, i)`` adds the partial
     down-projections of rows ``[16 i, 16 i + 16)`` over ``[s k_split, (s + 1) k_split)`` to
     ``acc`` (zeroed by K1); the last of the ``S`` programs of a tile runs the epilogues."""
-    ACC_W: tl.constexpr = R1P + R2P
+    ACC_W: tl.constexpr = R1P + R2P + HAS_MAC
     pid_k = tl.program_id(0)
     pid_t = tl.program_id(1)
     rows = pid_t * 16 + tl.arange(0, 16)
     row_mask = rows < N
     k_lo = pid_k * k_split
     k_hi = tl.minimum(k_lo + k_split, KM)
-    _branch_block(qx_ptr, uq_ptr, acc_ptr, rows, row_mask, k_lo, k_hi, l2_ptr, stride_l2,
-                  l4_ptr, stride_l4, D, START_M, KM, ACC_W, HAS_CWS, CWS_W_BITS, SEG1, R1P,
-                  HAS_MAC, MAC_W_BITS, SEG2, BK, ASM, True)  # fmt: skip
+    _branch_block(qx_ptr, uq_ptr, acc_ptr, rows, row_mask, k_lo, k_hi, l2_ptr, l4_ptr, D,
+                  START_M, KM, ACC_W, HAS_CWS, CWS_W_BITS, SEG1, R1P, PIECES1, W2, HAS_MAC,
+                  MAC_W_BITS, SEG2, PIECES2, W4, BK, ASM, True)  # fmt: skip
     tl.debug_barrier()
     # Release this program's atomics, acquire the others': the last one sees every partial.
     done = tl.atomic_add(cnt_ptr + pid_t, 1, sem="acq_rel")
     if done == tl.num_programs(0) - 1:
         tl.debug_barrier()
-        _branch_finish(sx_ptr, su_ptr, acc_ptr, rows, row_mask, l2s_ptr, hq_ptr, sh_ptr,
-                       l4s_ptr, gq_ptr, sg_ptr, ACC_W, HAS_CWS, QMAX_CWS, SEG1, R1P, R1_POW2,
-                       HAS_MAC, QMAX_MAC, SEG2, R2_POW2, True)  # fmt: skip
+        _branch_finish(sx_ptr, qsum_ptr, su_ptr, acc_ptr, rows, row_mask, l2s_ptr, hq_ptr,
+                       sh_ptr, l4s_ptr, gq_ptr, sg_ptr, ACC_W, HAS_CWS, CWS_W_BITS, QMAX_CWS,
+                       SEG1, R1P, R1_POW2, HAS_MAC, MAC_W_BITS, QMAX_MAC, SEG2, R2P, R2_POW2,
+                       True)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -747,6 +839,19 @@ def rank_pad(r: int) -> int:
 def rank_step_pad(r: int) -> int:
     """Rank padded to a multiple of :data:`RANK_STEP` (kernel A's down-projection width)."""
     return -(-int(r) // RANK_STEP) * RANK_STEP
+
+
+def rank_pieces(r: int, widest: int = 128) -> tuple[tuple[int, int], ...]:
+    """``(r0, width)`` pieces of a rank ``r`` padded to :data:`RANK_STEP`: powers of two from
+    ``widest`` down to 32, largest first (one K loop each in :func:`_branch_pieces`)."""
+    out, r0, left = [], 0, rank_step_pad(r)
+    while left:
+        w = widest
+        while w > left:
+            w //= 2
+        out.append((r0, w))
+        r0, left = r0 + w, left - w
+    return tuple(out)
 
 
 def segments(ranks: Sequence[int]) -> tuple[tuple[int, int], ...]:
@@ -821,7 +926,7 @@ def plan_path(
     prec = PRECISIONS.index((precision or TRANSFORM_PRECISION) if main else "ieee")
     cb, sa, chunks, tb = 16, 1, 1, 0
     if mode == 0 and k:
-        cb = min(_pad(k), 2048)
+        cb = min(_pad(k), COPY_CHUNK)
         chunks = -(-k // cb)
         padded[0] = cb
         if rows and not main and chunks == 1:
@@ -882,7 +987,7 @@ def site_quant_config(n_tokens: int, interpret: bool | None = None) -> dict:
     step).
     """
     if interpreting() if interpret is None else interpret:
-        return {"BRANCH": 1, "ROWS": True, "BK": 128, "num_warps": 4, "num_stages": 1}
+        return {"BRANCH": 1, "ROWS": True, "BK": 128, "num_warps": 4, "num_stages": 1, "T": 16}
     if n_tokens >= PREFILL_TOKENS:
         return {"BRANCH": 1, "ROWS": True, "BK": 128, "num_warps": 4, "num_stages": 1}
     return {"BRANCH": 2, "ROWS": False, "BK": 64, "num_warps": 4, "num_stages": 1}
@@ -899,10 +1004,10 @@ def site_quant_grid(n_tokens: int, cfg: dict, km: int, num_sms: int = 132) -> di
     at most two per SM, which also bounds the scratch slots); for ``BRANCH == 2`` the K2
     grid ``(S, tiles)`` with ``k_split`` channels per program."""
     n = max(int(n_tokens), 1)
-    if cfg["BRANCH"] == 1:
-        t = 16 if interpreting() else min(16, max(8, n // num_sms))
-    else:
+    if cfg["BRANCH"] == 2:
         t = 1
+    else:
+        t = cfg.get("T") or min(16, max(8, n // num_sms))
     n_blocks = -(-n // t)
     out = {"T": t, "n_blocks": n_blocks, "G": min(n_blocks, 2 * num_sms)}
     if cfg["BRANCH"] == 2:
@@ -954,19 +1059,24 @@ def site_quant_constexprs(
         "R2P": r2p,
         "R2_POW2": pow2_at_least(r2, 16),
         "MAC_INPUT": int(mac_input),
+        "PIECES1": rank_pieces(r1) if has_cws else ((0, 32),),
+        "PIECES2": rank_pieces(r2) if has_mac else ((0, 32),),
+        "W2": -(-int(sizes[2]) * int(branch_bits[0]) // 32),
+        "W4": -(-int(sizes[2]) * int(branch_bits[2]) // 32),
         "SLOT": slot,
         "BRANCH": cfg["BRANCH"] if has_cws or has_mac else 0,
         "BK": cfg["BK"],
         "ASM": (not interpreting()) if asm is None else bool(asm),
-        "ACC_P2": pow2_at_least(r1p + r2p, 16),
+        "ACC_P2": pow2_at_least(r1p + r2p + int(has_mac), 16),
     }
 
 
 def site_branch_constexprs(const: dict) -> dict:
     """The constexpr arguments of :func:`site_branch_kernel` (K2) from K1's."""
     pm = const["PM"]
-    keep = ("HAS_CWS", "CWS_W_BITS", "QMAX_CWS", "SEG1", "R1P", "R1_POW2", "HAS_MAC",
-            "MAC_W_BITS", "QMAX_MAC", "SEG2", "R2P", "R2_POW2", "BK", "ASM")  # fmt: skip
+    keep = ("HAS_CWS", "CWS_W_BITS", "QMAX_CWS", "SEG1", "R1P", "R1_POW2", "W2", "HAS_MAC",
+            "MAC_W_BITS", "QMAX_MAC", "SEG2", "R2P", "R2_POW2", "W4", "PIECES1", "PIECES2",
+            "BK", "ASM")  # fmt: skip
     out = {k: const[k] for k in keep}
     out.update(D=const["PV"][1] + const["PT"][1] + pm[1], START_M=pm[0], KM=pm[1])
     return out
@@ -1019,9 +1129,11 @@ def _num_sms(dev: torch.device) -> int:
 
 
 def _factor_view(t: torch.Tensor | None, bits: int, fallback: torch.Tensor) -> torch.Tensor:
-    """A branch factor as the kernel reads it: 4-bit rows as bytes, others as int32 words."""
+    """A branch factor as the kernel reads it (contiguous rows: the row stride is a
+    constexpr): 4-bit rows as bytes, others as int32 words."""
     if t is None or t.numel() == 0:
         return fallback
+    t = t.contiguous()
     return t.view(torch.uint8) if int(bits) == 4 else t
 
 
@@ -1080,7 +1192,7 @@ def site_quantize_triton(
         p.a_bits, branch_bits, p.mac_input, cfg, precision,
     )  # fmt: skip
     geo = site_quant_grid(n, cfg, km, _num_sms(dev))
-    acc_w = const["R1P"] + const["R2P"]
+    acc_w = const["R1P"] + const["R2P"] + int(has_mac)
     acc = torch.empty((n, acc_w), dtype=torch.int32, device=dev) if acc_w else qsum
     tiles = geo.get("tiles", 1)
     cnt = torch.empty(tiles, dtype=torch.int32, device=dev) if const["BRANCH"] == 2 else qsum
@@ -1088,16 +1200,14 @@ def site_quantize_triton(
     scr = scr if const["SLOT"] else sx
     l2 = _factor_view(p.cws.down if has_cws else None, branch_bits[0], qx)
     l4 = _factor_view(p.mac.down if has_mac else None, branch_bits[2], qx)
-    stride_l2 = p.cws.down.stride(0) if has_cws else 0
-    stride_l4 = p.mac.down.stride(0) if has_mac else 0
     l2s = _ptr(p.cws.down_scale if has_cws else None, sx)
     l4s = _ptr(p.mac.down_scale if has_mac else None, sx)
     factors = _ptr(_f32(p.factors), sx)
     site_quant_kernel[(geo["G"],)](
         x, x.stride(0), p.perm, _f32(p.smooth), factors, _f32(p.act_clip),
         qx, sx, qsum, _ptr(uq, qx), _ptr(su, sx), scr, acc, cnt,
-        l2, l2s, stride_l2, _ptr(hq, qx), _ptr(sh, sx),
-        l4, l4s, stride_l4, _ptr(gq, qx), _ptr(sg, sx),
+        l2, l2s, _ptr(hq, qx), _ptr(sh, sx),
+        l4, l4s, _ptr(gq, qx), _ptr(sg, sx),
         n, geo["T"], geo["n_blocks"],
         **const, **site_quant_options(const, cfg),
         # x - q*s must round like torch (no FMA contraction) on the exact paths.
@@ -1106,9 +1216,9 @@ def site_quantize_triton(
     if const["BRANCH"] == 2:
         bconst = site_branch_constexprs(const)
         site_branch_kernel[(geo["S"], tiles)](
-            qx, _ptr(uq, qx), sx, _ptr(su, sx), acc, cnt,
-            l2, l2s, stride_l2, _ptr(hq, qx), _ptr(sh, sx),
-            l4, l4s, stride_l4, _ptr(gq, qx), _ptr(sg, sx),
+            qx, _ptr(uq, qx), sx, qsum, _ptr(su, sx), acc, cnt,
+            l2, l2s, _ptr(hq, qx), _ptr(sh, sx),
+            l4, l4s, _ptr(gq, qx), _ptr(sg, sx),
             n, geo["k_split"],
             **bconst, num_warps=4, num_stages=1,
         )  # fmt: skip
