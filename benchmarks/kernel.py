@@ -205,10 +205,10 @@ def kernel_a_launches(s: SiteSpec, n: int) -> list[KernelCost]:
     out_br = (n * (r1 + 4 * m) if r1 else 0) + (n * (r2 + 4 * m) if r2 else 0)
     mode3 = [pl for pl in (const["PV"], const["PT"], const["PM"]) if pl[2] == 3]
     per_tok_scr = sum(pl[1] * 4 * (5 if (pl is const["PM"] and r2) else 3) for pl in mode3)
-    blocks = -(-geo["n_blocks"] // geo["G"])
-    l2_1 = d * 8 + factors + blocks * geo["T"] * per_tok_scr
+    blocks = -(-geo["per_program"] // geo["T"])
+    l2_1 = d * 8 + factors + geo["per_program"] * per_tok_scr
     prefill = const["BRANCH"] == 1
-    pieces = len(const["PIECES1"]) * bool(r1) + len(const["PIECES2"]) * bool(r2)
+    pieces = len(const["PIECES1"]) * bool(r1) + len(const["PIECES2"]) * bool(r2)  # K loops
     if prefill:
         read += branch_f
         write += out_br
@@ -620,13 +620,14 @@ def _launches_kernel(e) -> bool:
 def count_launches(device) -> None:
     """Run one tiny decoder layer's four sites through the op; count Triton launches (pre-run
     hook on the two kernels) and the torch ops inside the op calls (profiler)."""
-    from splitq_modifier.kernels import site_gemm_kernel, site_quant_kernel
+    from splitq_modifier.kernels import site_branch_kernel, site_gemm_kernel, site_quant_kernel
 
     tiny = ModelWidths("tiny", "qwen2_5_vl", 64, 160, 64, 32, 1)
     sites = layer_sites(tiny, 4, 4)
     layer = Layer(tiny, sites, device, splitq=True)
     launches = Counter()
-    for kern, label in ((site_quant_kernel, "kernel A"), (site_gemm_kernel, "kernel B")):
+    for kern, label in ((site_quant_kernel, "kernel A"), (site_branch_kernel, "kernel A2"),
+                        (site_gemm_kernel, "kernel B")):  # fmt: skip
         kern.add_pre_run_hook(lambda *a, _l=label, **k: launches.update([_l]))
         # A profiler range around each launch, so that the torch ops Triton's interpreter runs
         # to emulate the kernel are not counted as the op's own.

@@ -428,28 +428,25 @@ def _path_loops(tag: str, plan: tuple, mac: bool) -> list[tuple[str, int]]:
 
 
 def _branch_loops(const: dict, k_steps: int) -> list[tuple[str, int]]:
-    """Loops of the branch down-projections (``site_quant._branch_block``): per branch, the
-    32-rank chunks (a loop when there are two or more) over the K steps (runtime bounds:
-    always a loop)."""
+    """Loops of the branch down-projections (``site_quant._branch_pieces``): per branch, one K
+    loop (runtime bounds: always a loop) per group of up to four rank pieces."""
     out = []
-    for name, has, segs in (("CWS", "HAS_CWS", "SEG1"), ("MAC", "HAS_MAC", "SEG2")):
-        if not const[has]:
-            continue
-        chunks = _cdiv(const[segs][-1][1], 32)
-        if chunks >= 2:
-            out.append((f"{name} down: 32-rank chunks", chunks))
-        out.append((f"{name} down: K steps", k_steps))
+    for name, has, pieces in (("CWS", "HAS_CWS", "PIECES1"), ("MAC", "HAS_MAC", "PIECES2")):
+        if const[has]:
+            for grp in const[pieces]:
+                ws = [w for w in grp[1::2] if w]
+                out.append((f"{name} down, {'+'.join(map(str, ws))} ranks: K steps", k_steps))
     return out
 
 
 def expected_quant_loops(const: dict, geo: dict) -> list[tuple[str, int]]:
     """Kernel A K1's loops in program order (pre-order for nests), ``(name, trips)``, for the
-    busiest program of the launch geometry ``geo`` (``site_quant.site_quant_grid``): the
-    persistent block loop; the outlier paths on token tiles; the token loop with the per-token
-    paths' loops nested; the branch down-projections (``BRANCH`` 1) or the zeroing loop of K2's
-    accumulators (``BRANCH`` 2)."""
-    t = geo["T"]
-    out = [("blocks of the program", _cdiv(geo["n_blocks"], geo["G"]))]
+    busiest program of the launch geometry ``geo`` (``site_quant.site_quant_grid``): the loop
+    over the blocks of its token range; the outlier paths on token tiles; the token loop with
+    the per-token paths' loops nested; the branch down-projections (``BRANCH`` 1) or the
+    zeroing loop of K2's accumulators (``BRANCH`` 2)."""
+    t = min(geo["T"], geo["per_program"])
+    out = [("blocks of the program", _cdiv(geo["per_program"], geo["T"]))]
     for tag, pl in (("vision", const["PV"]), ("text", const["PT"])):
         if pl[18] > 0:
             out.append((f"{tag} path, token tiles", _cdiv(t, pl[18])))

@@ -72,7 +72,6 @@ from .common import (
     interpreting,
     load_packed_kmajor,
     pow2_at_least,
-    segment_quantize,
     token_scale,
 )
 
@@ -86,6 +85,9 @@ if TYPE_CHECKING:  # no import at run time: kernels/ must not import the package
 #: Outlier paths are small and use "ieee" (CUDA-core FMAs). Under the interpreter every fp32
 #: dot is a numpy fp32 matmul.
 TRANSFORM_PRECISION = "tf32x3"
+#: ``tl.dot`` input precision of the outlier paths (small fp32 tiles): CUDA-core FMAs. (tf32x3
+#: saves ~4 % of K1's instructions at 7B widths but spills registers: compiled for sm_90.)
+OUTLIER_PRECISION = "ieee"
 #: Branch rank step: ranks are padded to a multiple of this (one int8 MMA N step).
 RANK_STEP = 32
 #: Rows of a branch down-projection tile (the smallest M of an int8 ``tl.dot``).
@@ -212,7 +214,7 @@ def _dot32(a, b, PREC: tl.constexpr):
 @triton.jit
 def _gather(x_row, perm_ptr, smooth_ptr, col, m):
     """``x[perm[col]] * smooth[col]`` in fp32 (0 where ``m`` is false)."""
-    src = tl.load(perm_ptr + col, mask=m, other=0)
+    src = tl.load(perm_ptr + col, mask=m)  # masked lanes: no load of x either
     v = tl.load(x_row + src, mask=m, other=0.0).to(tl.float32)
     return v * tl.load(smooth_ptr + col, mask=m, other=0.0)
 
@@ -544,46 +546,105 @@ def _path_rows(
 # Branch down-projections
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _branch_partial(
-    a_ptr, a_stride, rows, row_mask, f_ptr, k_lo, k_hi,
-    R0: tl.constexpr, RC: tl.constexpr, K: tl.constexpr, R: tl.constexpr,
-    BITS: tl.constexpr, F_STRIDE: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr,
-):  # fmt: skip
-    """int32 ``[16, RC]``: ``sum_{k in [k_lo, k_hi)} a[row, k] * L'[R0 + r, k]``.
+def _piece_ptrs(f_ptr, k_lo, R0: tl.constexpr, W: tl.constexpr, R: tl.constexpr,
+                F_STRIDE: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    """Byte pointers ``[BK/2, W]`` of a 4-bit factor's rank piece at K step ``k_lo``, and the
+    rank mask."""
+    r = R0 + tl.arange(0, W)
+    jb = k_lo // 2 + tl.arange(0, BK // 2)
+    return f_ptr + r[None, :].to(tl.int64) * (4 * F_STRIDE) + jb[:, None], r < R
 
-    ``a``: int8 codes, row ``rows[i]`` at ``a_ptr + rows[i] * a_stride``; ``L``: the branch's
-    down factors, dense-packed ``BITS``-bit codes, row stride ``F_STRIDE`` (int32 words; for
-    4-bit factors ``f_ptr`` points to the same rows as bytes). ``k_lo`` is a multiple of
-    ``BK``. 4-bit: each byte holds codes ``2j`` and ``2j + 1`` offset by +8, which stays in
-    ``L'`` (``L' = L + 8``; :func:`_branch_epilogue` subtracts ``8 * sum_k a``): the even and
-    odd activation columns meet the low and high nibbles in two dots. Other widths:
-    ``L' = L`` (:func:`common.load_packed_kmajor`). Padding codes (``k >= K``, ranks >= ``R``)
-    meet zero activations or are masked."""
-    TM: tl.constexpr = 16
-    r = R0 + tl.arange(0, RC)
-    rm = r < R
-    acc = tl.zeros([TM, RC], dtype=tl.int32)
-    a_row = a_ptr + rows.to(tl.int64)[:, None] * a_stride
+
+@triton.jit
+def _piece_dot(acc, a, a_e, a_o, b_ptrs, rm, jb, f_ptr, k0, R0: tl.constexpr, W: tl.constexpr,
+               K: tl.constexpr, R: tl.constexpr, BITS: tl.constexpr, F_STRIDE: tl.constexpr,
+               BK: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
+    """One K step of one rank piece: ``acc += a @ L'[R0:R0+W, k0:k0+BK]^T`` (see
+    :func:`_branch_partial`)."""
     if BITS == 4:
         NBYTES: tl.constexpr = (K + 1) // 2
-        jb = k_lo // 2 + tl.arange(0, BK // 2)
-        b_ptrs = f_ptr + r[None, :].to(tl.int64) * (4 * F_STRIDE) + jb[:, None]
+        b = tl.load(b_ptrs, mask=rm[None, :] & (jb < NBYTES)[:, None], other=0)
+        lo, hi = _nibbles(b, ASM)  # [BK/2, W]: codes 2j and 2j+1 of rank r, +8
+        acc = tl.dot(a_e, lo, acc, out_dtype=tl.int32)
+        acc = tl.dot(a_o, hi, acc, out_dtype=tl.int32)
+    else:
+        r = R0 + tl.arange(0, W)
+        w = load_packed_kmajor(f_ptr, r, r < R, F_STRIDE, k0, K, BITS, BK, W)
+        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+    return acc
+
+
+@triton.jit
+def _branch_group(
+    a_ptr, a_stride, acc_row, rows, row_mask, k_lo, k_hi, f_ptr,
+    COL0: tl.constexpr, R0: tl.constexpr, W0: tl.constexpr, R1_: tl.constexpr,
+    W1: tl.constexpr, R2_: tl.constexpr, W2_: tl.constexpr, R3: tl.constexpr, W3: tl.constexpr,
+    K: tl.constexpr, R: tl.constexpr, BITS: tl.constexpr, F_STRIDE: tl.constexpr,
+    BK: tl.constexpr, ASM: tl.constexpr, ATOMIC: tl.constexpr,
+):  # fmt: skip
+    """Up to four rank pieces ``(R0, W0) ... (R3, W3)`` (width 0: absent) of one branch in one
+    K loop over ``[k_lo, k_hi)``: the activation tile ``a`` (16 rows, ``BK`` codes) is loaded
+    and split once per step for all of them. ``acc' = sum_k a[row, k] * L'[r, k]``, where
+    ``L' = L + 8`` for 4-bit factors (each byte holds codes ``2j`` and ``2j + 1``: the even
+    and odd activation columns meet the low and high nibbles in two dots;
+    :func:`_branch_epilogue` removes ``8 * sum_k a``) and ``L' = L`` for other widths
+    (:func:`common.load_packed_kmajor`). Padding codes (``k >= K``, ranks >= ``R``) meet zero
+    activations or are masked. Results go to ``acc_row + COL0 + r`` (stored, or added with
+    relaxed integer atomics when ``ATOMIC``)."""
+    TM: tl.constexpr = 16
+    a_row = a_ptr + rows.to(tl.int64)[:, None] * a_stride
+    acc0 = tl.zeros([TM, W0], dtype=tl.int32)
+    p0, m0 = _piece_ptrs(f_ptr, k_lo, R0, W0, R, F_STRIDE, BK)
+    if W1 > 0:
+        acc1 = tl.zeros([TM, W1], dtype=tl.int32)
+        p1, m1 = _piece_ptrs(f_ptr, k_lo, R1_, W1, R, F_STRIDE, BK)
+    if W2_ > 0:
+        acc2 = tl.zeros([TM, W2_], dtype=tl.int32)
+        p2, m2 = _piece_ptrs(f_ptr, k_lo, R2_, W2_, R, F_STRIDE, BK)
+    if W3 > 0:
+        acc3 = tl.zeros([TM, W3], dtype=tl.int32)
+        p3, m3 = _piece_ptrs(f_ptr, k_lo, R3, W3, R, F_STRIDE, BK)
+    jb = k_lo // 2 + tl.arange(0, BK // 2)
     for k0 in range(k_lo, k_hi, BK):
         k0 = tl.multiple_of(k0, BK)
         kk = k0 + tl.arange(0, BK)
         a = tl.load(a_row + kk[None, :], mask=row_mask[:, None] & (kk < K)[None, :], other=0)
-        if BITS == 4:
-            a_e, a_o = tl.split(tl.reshape(a, [TM, BK // 2, 2]))
-            b = tl.load(b_ptrs, mask=rm[None, :] & (jb < NBYTES)[:, None], other=0)
-            lo, hi = _nibbles(b, ASM)  # [BK/2, RC]: codes 2j and 2j+1 of rank r, +8
-            acc = tl.dot(a_e, lo, acc, out_dtype=tl.int32)
-            acc = tl.dot(a_o, hi, acc, out_dtype=tl.int32)
-            b_ptrs += BK // 2
-            jb += BK // 2
-        else:
-            w = load_packed_kmajor(f_ptr, r, rm, F_STRIDE, k0, K, BITS, BK, RC)
-            acc = tl.dot(a, w, acc, out_dtype=tl.int32)
-    return acc
+        a_e, a_o = tl.split(tl.reshape(a, [TM, BK // 2, 2]))
+        acc0 = _piece_dot(acc0, a, a_e, a_o, p0, m0, jb, f_ptr, k0, R0, W0, K, R, BITS,
+                          F_STRIDE, BK, ASM)  # fmt: skip
+        p0 += BK // 2
+        if W1 > 0:
+            acc1 = _piece_dot(acc1, a, a_e, a_o, p1, m1, jb, f_ptr, k0, R1_, W1, K, R, BITS,
+                              F_STRIDE, BK, ASM)  # fmt: skip
+            p1 += BK // 2
+        if W2_ > 0:
+            acc2 = _piece_dot(acc2, a, a_e, a_o, p2, m2, jb, f_ptr, k0, R2_, W2_, K, R, BITS,
+                              F_STRIDE, BK, ASM)  # fmt: skip
+            p2 += BK // 2
+        if W3 > 0:
+            acc3 = _piece_dot(acc3, a, a_e, a_o, p3, m3, jb, f_ptr, k0, R3, W3, K, R, BITS,
+                              F_STRIDE, BK, ASM)  # fmt: skip
+            p3 += BK // 2
+        jb += BK // 2
+    _piece_out(acc_row, acc0, rows, row_mask, COL0, R0, W0, R, ATOMIC)
+    if W1 > 0:
+        _piece_out(acc_row, acc1, rows, row_mask, COL0, R1_, W1, R, ATOMIC)
+    if W2_ > 0:
+        _piece_out(acc_row, acc2, rows, row_mask, COL0, R2_, W2_, R, ATOMIC)
+    if W3 > 0:
+        _piece_out(acc_row, acc3, rows, row_mask, COL0, R3, W3, R, ATOMIC)
+
+
+@triton.jit
+def _piece_out(acc_row, part, rows, row_mask, COL0: tl.constexpr, R0: tl.constexpr,
+               W: tl.constexpr, R: tl.constexpr, ATOMIC: tl.constexpr):  # fmt: skip
+    """Store (or atomically add) one piece's partial sums to its ``acc`` columns."""
+    rc = R0 + tl.arange(0, W)
+    m = row_mask[:, None] & (rc < R)[None, :]
+    if ATOMIC:
+        tl.atomic_add(acc_row + COL0 + rc[None, :], part, mask=m, sem="relaxed")
+    else:
+        tl.store(acc_row + COL0 + rc[None, :], part, mask=m)
 
 
 @triton.jit
@@ -606,10 +667,18 @@ def _branch_epilogue(
     if OFFSET != 0:
         a = a - OFFSET * code_sum[:, None]
     ws = tl.load(ds_ptr + r, mask=rm, other=0.0)
-    h = a.to(tl.float32) * tok_scale[:, None] * ws[None, :]
-    h = tl.where(m, h, 0.0)  # padded columns exactly 0
-    hq = segment_quantize(h, r, rows, row_mask, s_ptr, SEGS, QMAX)
-    tl.store(q_ptr + rows.to(tl.int64)[:, None] * R + r[None, :], hq.to(tl.int8), mask=m)
+    h = a.to(tl.float32) * tok_scale[:, None] * ws[None, :]  # padded columns exactly 0
+    # Per token and linear segment: s = max(absmax, 1e-8) / QMAX, codes round(h / s) (IEEE
+    # division: the reference's decisions; no clamp needed, |h| <= QMAX s).
+    ah = tl.abs(h)
+    col_scale = tl.zeros_like(h) + 1.0
+    for j in tl.static_range(len(SEGS)):
+        in_seg = (r >= SEGS[j][0]) & (r < SEGS[j][1])
+        sj = token_scale(tl.max(tl.where(in_seg[None, :], ah, 0.0), axis=1), QMAX)
+        col_scale = tl.where(in_seg[None, :], sj[:, None], col_scale)
+        tl.store(s_ptr + rows * len(SEGS) + j, sj, mask=row_mask)
+    _q, code = _codes(h, 1.0, col_scale, QMAX, False, False)
+    tl.store(q_ptr + rows.to(tl.int64)[:, None] * R + r[None, :], code, mask=m)
 
 
 @triton.jit
@@ -619,19 +688,15 @@ def _branch_pieces(
     BITS: tl.constexpr, F_STRIDE: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr,
     ATOMIC: tl.constexpr,
 ):  # fmt: skip
-    """One branch's down-projection for a 16-row tile over ``[k_lo, k_hi)``, one K loop per
-    rank piece ``(r0, width)`` of ``PIECES`` (powers of two >= 32 adding up to the rank padded
-    to 32), into ``acc`` at column ``COL0 + r0`` (stored, or added with relaxed integer
-    atomics when ``ATOMIC``)."""
-    for i in tl.static_range(len(PIECES)):
-        part = _branch_partial(a_ptr, a_stride, rows, row_mask, f_ptr, k_lo, k_hi, PIECES[i][0],
-                               PIECES[i][1], K, R, BITS, F_STRIDE, BK, ASM)  # fmt: skip
-        rc = PIECES[i][0] + tl.arange(0, PIECES[i][1])
-        m = row_mask[:, None] & (rc < R)[None, :]
-        if ATOMIC:
-            tl.atomic_add(acc_row + COL0 + rc[None, :], part, mask=m, sem="relaxed")
-        else:
-            tl.store(acc_row + COL0 + rc[None, :], part, mask=m)
+    """One branch's down-projection for a 16-row tile over ``[k_lo, k_hi)`` into ``acc`` at
+    column ``COL0``: ``PIECES`` is a tuple of groups of four ``(r0, width)`` rank pieces
+    (powers of two >= 32 adding up to the rank padded to 32; width 0 = absent), one K loop per
+    group (:func:`_branch_group`)."""
+    for g in tl.static_range(len(PIECES)):
+        _branch_group(a_ptr, a_stride, acc_row, rows, row_mask, k_lo, k_hi, f_ptr, COL0,
+                      PIECES[g][0], PIECES[g][1], PIECES[g][2], PIECES[g][3], PIECES[g][4],
+                      PIECES[g][5], PIECES[g][6], PIECES[g][7], K, R, BITS, F_STRIDE, BK, ASM,
+                      ATOMIC)  # fmt: skip
 
 
 @triton.jit
@@ -691,7 +756,7 @@ def site_quant_kernel(
     qx_ptr, sx_ptr, qsum_ptr, uq_ptr, su_ptr, scr_ptr, acc_ptr, cnt_ptr,
     l2_ptr, l2s_ptr, hq_ptr, sh_ptr,
     l4_ptr, l4s_ptr, gq_ptr, sg_ptr,
-    N, T, n_blocks,
+    N, T,
     PV: tl.constexpr, PT: tl.constexpr, PM: tl.constexpr,
     HAS_CWS: tl.constexpr, CWS_W_BITS: tl.constexpr, QMAX_CWS: tl.constexpr,
     SEG1: tl.constexpr, R1P: tl.constexpr, R1_POW2: tl.constexpr, W2: tl.constexpr,
@@ -701,8 +766,9 @@ def site_quant_kernel(
     PIECES1: tl.constexpr, PIECES2: tl.constexpr, SLOT: tl.constexpr, BRANCH: tl.constexpr,
     BK: tl.constexpr, ASM: tl.constexpr, ACC_P2: tl.constexpr,
 ):  # fmt: skip
-    """K1 (module doc). Grid ``(G,)``: program ``pid`` takes blocks ``pid, pid + G, ...`` of
-    ``T <= 16`` tokens (``n_blocks = cdiv(N, T)``). ``PV``/``PT``/``PM``: the plan of each
+    """K1 (module doc). Grid ``(G,)``: program ``pid`` takes the tokens
+    ``[pid N / G, (pid + 1) N / G)`` (their counts differ by one at most) in blocks of
+    ``T <= 16``. ``PV``/``PT``/``PM``: the plan of each
     path (:func:`plan_path`); ``SLOT``: scratch floats per program (mode-3 paths);
     ``BRANCH``: 0 no branch, 1 down-projections here, 2 zero ``acc`` and ``cnt`` for K2
     (``ACC_P2``: a power of two >= the ``acc`` row). ``acc`` rows: CWS ranks padded to 32
@@ -716,9 +782,10 @@ def site_quant_kernel(
     scr = scr_ptr + pid * SLOT
     fa, fb, fc = _fast_factors(f_ptr, PM[2], PM[3], PM[4], PM[5], PM[6], PM[7], PM[8], PM[9],
                                PM[10], PM[11], PM[15])  # fmt: skip
-    for blk in range(pid, n_blocks, tl.num_programs(0)):
-        row0 = blk * T
-        row_end = tl.minimum(row0 + T, N)
+    lo = (pid * N) // tl.num_programs(0)
+    hi = ((pid + 1) * N) // tl.num_programs(0)
+    for row0 in range(lo, hi, T):
+        row_end = tl.minimum(row0 + T, hi)
         if PV[18] > 0:
             _path_rows(x_ptr, stride_x, perm_ptr, smooth_ptr, f_ptr, clip_ptr, qx_ptr, sx_ptr,
                        qsum_ptr, row0, row_end, 0, PV[0], PV[1], PV[2], PV[3], PV[4], PV[6],
@@ -841,17 +908,22 @@ def rank_step_pad(r: int) -> int:
     return -(-int(r) // RANK_STEP) * RANK_STEP
 
 
-def rank_pieces(r: int, widest: int = 128) -> tuple[tuple[int, int], ...]:
-    """``(r0, width)`` pieces of a rank ``r`` padded to :data:`RANK_STEP`: powers of two from
-    ``widest`` down to 32, largest first (one K loop each in :func:`_branch_pieces`)."""
-    out, r0, left = [], 0, rank_step_pad(r)
+def rank_pieces(r: int, widest: int = 256) -> tuple[tuple[int, ...], ...]:
+    """Rank pieces of a rank ``r`` padded to :data:`RANK_STEP`: powers of two from ``widest``
+    down to 32, largest first, in groups of four ``(r0, width)`` flattened to 8 entries (width 0
+    = absent; one K loop per group in :func:`_branch_pieces`)."""
+    pieces, r0, left = [], 0, rank_step_pad(r)
     while left:
         w = widest
         while w > left:
             w //= 2
-        out.append((r0, w))
+        pieces.append((r0, w))
         r0, left = r0 + w, left - w
-    return tuple(out)
+    groups = []
+    for i in range(0, len(pieces), 4):
+        grp = list(pieces[i : i + 4]) + [(0, 0)] * (4 - len(pieces[i : i + 4]))
+        groups.append(tuple(v for pc in grp for v in pc))
+    return tuple(groups)
 
 
 def segments(ranks: Sequence[int]) -> tuple[tuple[int, int], ...]:
@@ -923,7 +995,7 @@ def plan_path(
     offs = [f_off + sum(n * n for n in dims[:i]) for i in range(len(dims))] + [0, 0, 0]
     padded = [_pad(n) if n else 0 for n in sides]
     fast = int(main and int(a_bits) <= 4 and mode >= 2)
-    prec = PRECISIONS.index((precision or TRANSFORM_PRECISION) if main else "ieee")
+    prec = PRECISIONS.index((precision or TRANSFORM_PRECISION) if main else OUTLIER_PRECISION)
     cb, sa, chunks, tb = 16, 1, 1, 0
     if mode == 0 and k:
         cb = min(_pad(k), COPY_CHUNK)
@@ -1000,16 +1072,21 @@ SITE_QUANT_GPU_TOKENS = (16, 4096)
 
 
 def site_quant_grid(n_tokens: int, cfg: dict, km: int, num_sms: int = 132) -> dict:
-    """Launch geometry: ``T`` tokens per block, ``n_blocks``, ``G`` K1 programs (persistent:
-    at most two per SM, which also bounds the scratch slots); for ``BRANCH == 2`` the K2
-    grid ``(S, tiles)`` with ``k_split`` channels per program."""
+    """Launch geometry. K1: ``G`` programs, each a contiguous range of ``cdiv(N, G)`` or
+    ``N // G`` tokens (``per_program``: the larger) in blocks of ``T = 16`` (the branch tile):
+    at prefill ``G`` = the SM count (one range per SM: the busiest SM does ``cdiv(N, SMs)``
+    tokens, the least possible), at decode one token per program (``G = N``, at most two
+    programs per SM). The scratch has ``G`` slots. For ``BRANCH == 2`` the K2 grid
+    ``(S, tiles)`` with ``k_split`` channels per program."""
     n = max(int(n_tokens), 1)
-    if cfg["BRANCH"] == 2:
-        t = 1
+    t = cfg.get("T") or BRANCH_ROWS
+    if cfg.get("T"):  # the interpreter: one block per program
+        g = -(-n // t)
+    elif cfg["BRANCH"] == 2:
+        g = min(n, 2 * num_sms)
     else:
-        t = cfg.get("T") or min(16, max(8, n // num_sms))
-    n_blocks = -(-n // t)
-    out = {"T": t, "n_blocks": n_blocks, "G": min(n_blocks, 2 * num_sms)}
+        g = min(n, num_sms)
+    out = {"T": t, "G": g, "per_program": -(-n // g)}
     if cfg["BRANCH"] == 2:
         tiles = -(-n // BRANCH_ROWS)
         steps = max(-(-km // cfg["BK"]), 1)
@@ -1059,8 +1136,8 @@ def site_quant_constexprs(
         "R2P": r2p,
         "R2_POW2": pow2_at_least(r2, 16),
         "MAC_INPUT": int(mac_input),
-        "PIECES1": rank_pieces(r1) if has_cws else ((0, 32),),
-        "PIECES2": rank_pieces(r2) if has_mac else ((0, 32),),
+        "PIECES1": rank_pieces(r1) if has_cws else rank_pieces(1),
+        "PIECES2": rank_pieces(r2) if has_mac else rank_pieces(1),
         "W2": -(-int(sizes[2]) * int(branch_bits[0]) // 32),
         "W4": -(-int(sizes[2]) * int(branch_bits[2]) // 32),
         "SLOT": slot,
@@ -1208,7 +1285,7 @@ def site_quantize_triton(
         qx, sx, qsum, _ptr(uq, qx), _ptr(su, sx), scr, acc, cnt,
         l2, l2s, _ptr(hq, qx), _ptr(sh, sx),
         l4, l4s, _ptr(gq, qx), _ptr(sg, sx),
-        n, geo["T"], geo["n_blocks"],
+        n, geo["T"],
         **const, **site_quant_options(const, cfg),
         # x - q*s must round like torch (no FMA contraction) on the exact paths.
         enable_fp_fusion=False,

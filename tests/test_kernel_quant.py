@@ -143,17 +143,18 @@ def test_plan_paths_real_models(rows) -> None:
 
 
 def test_grid_fills_the_gpu() -> None:
-    """At prefill (2048+ tokens) K1 has at least 132 programs of at most 16 tokens; at decode
-    one program per token and K2 splits the branch channels over programs, covering them."""
+    """At prefill (2048+ tokens) K1 runs one contiguous token range per SM (132 programs, the
+    busiest with ``cdiv(N, 132)`` tokens); at decode one program per token, and K2 splits the
+    branch channels over programs, covering them."""
     for n in (2048, 8192):
         cfg = sq.site_quant_config(n, interpret=False)
         g = sq.site_quant_grid(n, cfg, 18144, 132)
-        assert cfg["BRANCH"] == 1 and g["G"] >= 132 and g["T"] <= 16
-        assert g["n_blocks"] * g["T"] >= n
+        assert cfg["BRANCH"] == 1 and g["G"] == 132 and g["T"] == 16
+        assert g["per_program"] == -(-n // 132)
     for n, km in ((1, 3456), (16, 18144), (300, 3456)):
         cfg = sq.site_quant_config(n, interpret=False)
         g = sq.site_quant_grid(n, cfg, km, 132)
-        assert cfg["BRANCH"] == 2 and g["T"] == 1 and g["G"] == min(n, 264)
+        assert cfg["BRANCH"] == 2 and g["G"] == min(n, 264) and g["per_program"] <= 2
         assert g["S"] * g["k_split"] >= km > (g["S"] - 1) * g["k_split"]
         assert g["k_split"] % cfg["BK"] == 0 and g["S"] * g["tiles"] <= 264
         assert g["S"] > 1
@@ -244,7 +245,7 @@ def test_decode_configuration(idx) -> None:
     pre = site_quantize_triton(x, p, store_uq=True)
     dec = site_quantize_triton(x, p, store_uq=True, config=DECODE)
     geo = sq.site_quant_grid(N_TOKENS, DECODE, p.sizes[2])
-    assert geo["S"] > 1 and geo["G"] == N_TOKENS  # really split
+    assert geo["S"] > 1 and geo["G"] == N_TOKENS and geo["per_program"] == 1  # really split
     for key in ("qx", "qsum", "hq", "uq", "gq"):
         if pre[key] is not None:
             assert torch.equal(pre[key], dec[key]), key
