@@ -55,7 +55,7 @@ SM90_SHARED_LIMIT = 232448
 _QUANT_PTRS = {
     "x_ptr": "*bf16", "perm_ptr": "*i32", "smooth_ptr": "*fp32", "f_ptr": "*fp32",
     "clip_ptr": "*fp32", "qx_ptr": "*i8", "sx_ptr": "*fp32", "qsum_ptr": "*i32",
-    "uq_ptr": "*i8", "su_ptr": "*fp32", "scr_ptr": "*fp32", "acc_ptr": "*i32",
+    "uq_ptr": "*i8", "su_ptr": "*fp32", "scr_ptr": "*fp32", "scr16_ptr": "*fp16", "acc_ptr": "*i32",
     "cnt_ptr": "*i32", "l2_ptr": "*i32", "l2s_ptr": "*fp32", "hq_ptr": "*i8",
     "sh_ptr": "*fp32", "l4_ptr": "*i32", "l4s_ptr": "*fp32", "gq_ptr": "*i8", "sg_ptr": "*fp32",
 }  # fmt: skip

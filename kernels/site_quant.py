@@ -1,60 +1,66 @@
 """Kernel A of a SplitQ activation site: transform, quantize, branch down-projections.
 
-Launches (:func:`site_quantize_triton`):
+Launches (:func:`site_quantize_triton`; geometry from :func:`site_quant_grid`):
 
-* **K1** :func:`site_quant_kernel`, a persistent grid of ``G`` programs over blocks of ``T``
-  tokens (``T`` and ``G`` from :func:`site_quant_grid`; programs loop over real rows only).
-  For each token and each path (order vision | text | main), :func:`_path` computes the
-  path's transformed values (gather ``x[:, perm]``, smoothing, Kronecker factors) as a
-  register tile, takes the per-token absmax, quantizes every element once and stores the
-  codes ``qx`` (N, d), the scale ``sx`` (N, 3) and the exact code sum ``qsum`` (N, 3). On the
-  main path it also forms the MAC input ``u`` (the quantization residual, ``mac_input`` 0, or
-  the dequantized value, 1) and stores its codes ``uq`` (N, km) and scale ``su``. Path modes
+* **K1** :func:`site_quant_kernel`: ``G`` programs, each a contiguous range of tokens (at
+  prefill one range per SM, so the busiest SM does ``cdiv(N, SMs)`` tokens; at decode one
+  token per program) in blocks of up to 16 rows; programs loop over real rows only. For each
+  token and path (order vision | text | main) it computes the path's transformed values
+  (gather ``x[:, perm]``, smoothing, Kronecker factors) as a register tile, takes the
+  per-token absmax, quantizes every element once and stores the codes ``qx`` (N, d), the
+  scale ``sx`` (N, 3) and the exact code sum ``qsum`` (N, 3). On the main path it also forms
+  the MAC input ``u`` (the quantization residual, ``mac_input`` 0, or the dequantized value,
+  1) and stores its codes ``uq`` (N, km), scale ``su`` and code sum. Path modes
   (:func:`plan_path`):
 
   - 0, no factor: the path itself, in chunks of ``CB`` channels;
-  - 1, one factor ``n``: a vector-matrix product on the CUDA cores (fp32);
+  - 1, one factor ``n``: a vector-matrix product (fp32);
   - 2, two factors ``NA x NB``: the whole token as one ``[NPA, NPB]`` tile,
     ``Y = M_a^T (X M_b)`` (two ``tl.dot``); the result's element ``(i, o)`` is channel
     ``i * NB + o``, the address of the input element it replaces;
-  - 3, three factors ``n0 x n1 x n2``: the last two factors run as in mode 2 on blocks of
-    ``SA`` slices ``a`` and write ``Z`` (n0, n1 n2) fp32 to a per-program scratch slot
-    (``K`` floats, L1/L2 resident: ``G`` slots in all); the first factor then runs on
+  - 3, three factors ``n0 x n1 x n2``: the last two factors run as in mode 2 on steps of
+    ``SA`` slices and write ``Z`` (n0, n1 n2) fp32 to the program's scratch slot (``K``
+    floats: ``G`` slots in all, on chip or in L2); the first factor then runs on
     ``[NP0, CB]`` column chunks of ``Z``.
 
   Where the final tile holds the whole token (modes 1 and 2, and 0/3 with one chunk) the
-  codes are taken from the registers that computed it. Otherwise (mode 3, long mode-0 paths)
-  the final tile is recomputed per pass (absmax; codes; MAC codes): its input is the scratch
-  slot or ``x``, both on chip or in L2, and no fp32 copy of the transformed input is written.
+  codes come from the registers that computed it. Otherwise the final tile is computed again
+  per pass (absmax; codes and the MAC input's absmax; MAC codes; mode 3 keeps ``u`` in the
+  slot for the last pass): no fp32 copy of the transformed input leaves the chip or L2.
+  At prefill the outlier paths run on token tiles (:func:`_path_rows`: the block's tokens are
+  the rows, no element replicated across threads).
 
   Branch down-projections: with ``BRANCH == 1`` (prefill) the program then runs them for its
-  block (:func:`_branch_partial`, int8 ``tl.dot`` over 32-rank chunks, reading back the codes
-  it just stored) into the int32 workspace ``acc`` (N, R1P + R2P) and quantizes the hidden
-  states per linear segment (:func:`_branch_epilogue`) into ``hq``/``sh``, ``gq``/``sg``.
-  With ``BRANCH == 2`` (decode) it zeroes its rows of ``acc`` and the tile counters for K2.
-* **K2** :func:`site_branch_kernel` (decode only): a grid of ``S`` K-splits x 16-token tiles;
-  each program adds its int32 partial down-projections to ``acc`` with integer atomics
-  (exact and order-independent) and the last program of a tile (an ``acq_rel`` counter)
-  runs :func:`_branch_epilogue`.
+  block (:func:`_branch_group`: int8 ``tl.dot`` over rank pieces, powers of two from 256 down
+  to 32 that add up to the rank padded to 32, one K loop per branch, reading back the codes
+  it just stored) into the int32 workspace ``acc`` (N, R1P + R2P + 1) and quantizes the
+  hidden states per linear segment (:func:`_branch_epilogue`) into ``hq``/``sh``,
+  ``gq``/``sg``. With ``BRANCH == 2`` (decode) it zeroes its rows of ``acc`` and the tile
+  counters for K2.
+* **K2** :func:`site_branch_kernel` (decode only): ``S`` K-splits x 16-token tiles; each
+  program adds its int32 partial down-projections to ``acc`` with relaxed integer atomics
+  (exact and order-independent) and the last program of a tile (an ``acq_rel`` counter that
+  K1 zeroed) runs :func:`_branch_epilogue`.
 
 Precision. The main path at <= 4 activation bits with >= 2 factors is *fast*: ``tl.dot`` with
 fp16 operands and fp32 accumulation, the input of each dot chain scaled by a per-token (mode
-2) or per-slice-block (mode 3, stage 1; then per token for the last factor) power of two
+2) or per-slice-step (mode 3, first stage; then per token for the last factor) power of two
 that puts its absmax in [8, 16) (:func:`_pow2_scale`; exact, folded back into the
 quantization scale, so fp16 cannot overflow unless the factors grow values 4096-fold),
-codes as ``round(y * (1 / s))``. Every other path is *exact*: fp32 products ("ieee" for
-the outlier paths and the CUDA-core modes, "tf32x3" for an exact main path) and codes
-``round(div_rn(y, s))``, the reference's decisions up to fp32 summation order. Scales use
-the reference's formula (``div_rn``); rounding is half-to-even through ``+ 1.5 * 2^23``,
-whose low byte is also the int8 code. ``qsum`` is exact (integer sums below 2^24 in fp32).
-Under Triton's interpreter fp16 operands are rounded as on a GPU (explicit casts) and the
-dot accumulates in fp32.
+codes as ``round(y * (1 / s))``. Every other path is *exact*: fp32 products ("ieee" for the
+outlier paths, "tf32x3" for an exact main path) and codes ``round(div_rn(y, s))``, the
+reference's decisions up to fp32 summation order (the MAC residual's product is a ``mul.rn``,
+never contracted). Scales use the reference's formula (``div_rn``); rounding is half-to-even
+through ``+ 1.5 * 2^23``, whose low byte is also the int8 code. ``qsum`` is exact (integer
+sums below 2^24 in fp32). Under Triton's interpreter fp16 operands are rounded as on a GPU
+(explicit casts) and the dot accumulates in fp32.
 
 Layouts: ``x`` (N, d), unit stride along d, original channel order; ``perm`` int32 (d,);
 ``smooth`` fp32 (d,) and ``qx`` (N, d) in path order; ``factors`` fp32 flat (path 0's
-factors, then 1's, then 2's, each row-major); ``L2``/``L4`` dense-packed int32 (R, words(km))
-(4-bit factors are read as bytes: byte ``j`` of a row holds codes ``2j`` (low nibble) and
-``2j + 1`` (high nibble), offset by +8; the +8 is removed with the activation code sums).
+factors, then 1's, then 2's, each row-major); ``L2``/``L4`` dense-packed int32 (R, words(km)),
+contiguous (the row stride is a constexpr); 4-bit factors are read as bytes: byte ``j`` of a
+row holds codes ``2j`` (low nibble) and ``2j + 1`` (high nibble), offset by +8, which the
+epilogue removes with the activation code sums.
 """
 
 from __future__ import annotations
@@ -82,8 +88,7 @@ if TYPE_CHECKING:  # no import at run time: kernels/ must not import the package
 
 #: ``tl.dot`` input precision of an exact main path (8-bit activations) on a GPU: three TF32
 #: tensor-core products, fp32-level error (fp32 CUDA-core dots would take as long as the GEMM).
-#: Outlier paths are small and use "ieee" (CUDA-core FMAs). Under the interpreter every fp32
-#: dot is a numpy fp32 matmul.
+#: Under the interpreter every fp32 dot is a numpy fp32 matmul.
 TRANSFORM_PRECISION = "tf32x3"
 #: ``tl.dot`` input precision of the outlier paths (small fp32 tiles): CUDA-core FMAs. (tf32x3
 #: saves ~4 % of K1's instructions at 7B widths but spills registers: compiled for sm_90.)
@@ -252,7 +257,7 @@ def _fast_factors(
 
 @triton.jit
 def _tile(
-    x_row, perm_ptr, smooth_ptr, f_ptr, fa, fb, scr, c0, zsc, inv_zsc,
+    x_row, perm_ptr, smooth_ptr, f_ptr, fa, fb, scr, scr16, c0, zsc, inv_zsc,
     START: tl.constexpr, K: tl.constexpr, MODE: tl.constexpr, N0: tl.constexpr,
     N1: tl.constexpr, N2: tl.constexpr, NP0: tl.constexpr, NP1: tl.constexpr,
     F0: tl.constexpr, F1: tl.constexpr, CB: tl.constexpr, FAST: tl.constexpr,
@@ -312,10 +317,14 @@ def _tile(
         cc = c0 + tl.arange(0, CB)
         im = i < N0
         m = im[:, None] & (cc < C)[None, :]
-        z = tl.load(scr + i[:, None] * C + cc[None, :], mask=m, other=0.0)  # [NP0 (a), CB]
         if FAST:
-            y = tl.dot(fa, (z * zsc).to(tl.float16))
+            # Z as stored: fp16, row a scaled by its step's power of two; rescaled to the
+            # token's (exact: powers of two in fp16's range, or rows below 2^-24 of the max).
+            z = tl.load(scr16 + i[:, None] * C + cc[None, :], mask=m, other=0.0)
+            row = (tl.load(scr + K + i, mask=im, other=0.0) * zsc).to(tl.float16)
+            y = tl.dot(fa, z * row[:, None])
         else:
+            z = tl.load(scr + i[:, None] * C + cc[None, :], mask=m, other=0.0)  # [NP0, CB]
             mat_0t = tl.load(f_ptr + F0 + i[None, :] * N0 + i[:, None],
                              mask=im[:, None] & im[None, :], other=0.0)  # fmt: skip
             y = _dot32(mat_0t, z, PREC)
@@ -327,18 +336,20 @@ def _tile(
 
 @triton.jit
 def _triple_stage1(
-    x_row, perm_ptr, smooth_ptr, f_ptr, fb, fc, scr,
+    x_row, perm_ptr, smooth_ptr, f_ptr, fb, fc, scr, scr16,
     START: tl.constexpr, N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
     NP1: tl.constexpr, NP2: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr,
     SA: tl.constexpr, FAST: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Mode 3, first stage: ``Z[a] = M_1^T X[a] M_2`` for every slice ``a`` of the token
     (``X`` viewed as ``(N0, N1, N2)``), ``SA`` slices per step, written to the scratch slot
-    ``scr`` as fp32 ``(N0, N1 N2)``. Returns the token's ``max |Z|``.
+    as ``(N0, N1 N2)``: fp32 at ``scr`` on exact paths; on fast paths fp16 at ``scr16`` as the
+    step computed it (its input scaled by a power of two), the inverse scale of each slice at
+    ``scr[K + a]``. Returns the token's ``max |Z|``.
 
     A step loads ``[SA, NP1, NP2]``, multiplies by ``M_2`` on the last axis, transposes to
-    ``[SA, NP2, NP1]`` and multiplies by ``M_1``; on the fast path its input is scaled by the
-    power of two of its own absmax and the result scaled back (exactly) before the store."""
+    ``[SA, NP2, NP1]`` and multiplies by ``M_1``."""
+    K: tl.constexpr = N0 * N1 * N2
     C: tl.constexpr = N1 * N2
     sl = tl.arange(0, SA)
     j = tl.arange(0, NP1)
@@ -369,13 +380,19 @@ def _triple_stage1(
             z = _dot32(v, mat_2, PREC)
         z = tl.reshape(tl.permute(tl.reshape(z, [SA, NP1, NP2]), (0, 2, 1)), [SA * NP2, NP1])
         if FAST:
-            y = tl.dot(z, mat_1) * inv_sc
+            y = tl.dot(z, mat_1)
         else:
             y = _dot32(z, mat_1, PREC)
         y = tl.reshape(y, [SA, NP2, NP1])  # (a, o2, i1): channel a*C + i1*N2 + o2
         col_o = (a * C)[:, None, None] + c[None, :, None] + (j * N2)[None, None, :]
-        tl.store(scr + col_o, y, mask=am[:, None, None] & cm[None, :, None] & jm[None, None, :])
-        zmax = tl.maximum(zmax, tl.max(tl.abs(y)))
+        mo = am[:, None, None] & cm[None, :, None] & jm[None, None, :]
+        if FAST:
+            tl.store(scr16 + col_o, y.to(tl.float16), mask=mo)
+            tl.store(scr + K + a, tl.zeros([SA], tl.float32) + inv_sc, mask=am)
+            zmax = tl.maximum(zmax, tl.max(tl.abs(y)) * inv_sc)
+        else:
+            tl.store(scr + col_o, y, mask=mo)
+            zmax = tl.maximum(zmax, tl.max(tl.abs(y)))
     return zmax
 
 
@@ -384,7 +401,7 @@ def _triple_stage1(
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _path(
-    x_row, perm_ptr, smooth_ptr, f_ptr, fa, fb, fc, clip_ptr, q_row, u_row, scr,
+    x_row, perm_ptr, smooth_ptr, f_ptr, fa, fb, fc, clip_ptr, q_row, u_row, scr, scr16,
     P: tl.constexpr, START: tl.constexpr, K: tl.constexpr, MODE: tl.constexpr,
     N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, NP0: tl.constexpr,
     NP1: tl.constexpr, NP2: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr,
@@ -406,16 +423,17 @@ def _path(
         zsc = 1.0
         inv_zsc = 1.0
         if MODE == 3:
-            zmax = _triple_stage1(x_row, perm_ptr, smooth_ptr, f_ptr, fb, fc, scr, START, N0,
-                                  N1, N2, NP1, NP2, F1, F2, SA, FAST, PREC)  # fmt: skip
+            zmax = _triple_stage1(x_row, perm_ptr, smooth_ptr, f_ptr, fb, fc, scr, scr16, START,
+                                  N0, N1, N2, NP1, NP2, F1, F2, SA, FAST, PREC)  # fmt: skip
             tl.debug_barrier()  # the slot is read by other threads below
             if FAST:
                 zsc, inv_zsc = _pow2_scale(zmax)
         if NCH == 1:
             # The whole token is one register tile: every pass on the same registers.
-            y, col, m, sc, inv_sc = _tile(x_row, perm_ptr, smooth_ptr, f_ptr, fa, fb, scr, 0,
-                                          zsc, inv_zsc, START, K, MODE, N0, N1, N2, NP0, NP1,
-                                          F0, F1, CB, FAST, PREC)  # fmt: skip
+            y, col, m, sc, inv_sc = _tile(
+                x_row, perm_ptr, smooth_ptr, f_ptr, fa, fb, scr, scr16, 0, zsc, inv_zsc, START, K,
+                MODE, N0, N1, N2, NP0, NP1, F0, F1, CB, FAST, PREC,
+            )  # fmt: skip
             s, s_eff, inv = _scale_of(tl.max(tl.abs(y)), inv_sc, sc, clip, QMAX)
             q, code = _codes(y, inv, s, QMAX, FAST)
             tl.store(q_row + START + col, code, mask=m)
@@ -433,17 +451,19 @@ def _path(
             # which the third pass reads back.
             amax = tl.zeros([], dtype=tl.float32)
             for c0 in range(0, NCH * CB, CB):
-                y, col, m, sc, inv_sc = _tile(x_row, perm_ptr, smooth_ptr, f_ptr, fa, fb, scr,
-                                              c0, zsc, inv_zsc, START, K, MODE, N0, N1, N2, NP0,
-                                              NP1, F0, F1, CB, FAST, PREC)  # fmt: skip
+                y, col, m, sc, inv_sc = _tile(
+                    x_row, perm_ptr, smooth_ptr, f_ptr, fa, fb, scr, scr16, c0, zsc, inv_zsc, START,
+                    K, MODE, N0, N1, N2, NP0, NP1, F0, F1, CB, FAST, PREC,
+                )  # fmt: skip
                 amax = tl.maximum(amax, tl.max(tl.abs(y)))
             s, s_eff, inv = _scale_of(amax, inv_zsc, zsc, clip, QMAX)
             qsum = tl.zeros([], dtype=tl.float32)
             umax = tl.zeros([], dtype=tl.float32)
             for c0 in range(0, NCH * CB, CB):
-                y, col, m, sc, inv_sc = _tile(x_row, perm_ptr, smooth_ptr, f_ptr, fa, fb, scr,
-                                              c0, zsc, inv_zsc, START, K, MODE, N0, N1, N2, NP0,
-                                              NP1, F0, F1, CB, FAST, PREC)  # fmt: skip
+                y, col, m, sc, inv_sc = _tile(
+                    x_row, perm_ptr, smooth_ptr, f_ptr, fa, fb, scr, scr16, c0, zsc, inv_zsc, START,
+                    K, MODE, N0, N1, N2, NP0, NP1, F0, F1, CB, FAST, PREC,
+                )  # fmt: skip
                 q, code = _codes(y, inv, s, QMAX, FAST)
                 tl.store(q_row + START + col, code, mask=m)
                 qsum += tl.sum(q)
@@ -451,7 +471,8 @@ def _path(
                     u = _residual(y, q, s_eff, MAC_INPUT, FAST, ASM)
                     umax = tl.maximum(umax, tl.max(tl.abs(u)))
                     if MODE == 3:
-                        tl.debug_barrier()  # every thread has read this chunk of Z
+                        if not FAST:
+                            tl.debug_barrier()  # every thread has read this chunk of Z
                         tl.store(scr + col, u, mask=m)
             if MAC:
                 su, su_eff, inv_u = _scale_of(umax, inv_zsc, zsc, 1.0, QMAX_U)
@@ -465,10 +486,10 @@ def _path(
                         m = (i < N0)[:, None] & (cc < N1 * N2)[None, :]
                         u = tl.load(scr + col, mask=m, other=0.0)
                     else:
-                        y, col, m, sc, inv_sc = _tile(x_row, perm_ptr, smooth_ptr, f_ptr, fa, fb,
-                                                      scr, c0, zsc, inv_zsc, START, K, MODE, N0,
-                                                      N1, N2, NP0, NP1, F0, F1, CB, FAST,
-                                                      PREC)  # fmt: skip
+                        y, col, m, sc, inv_sc = _tile(
+                            x_row, perm_ptr, smooth_ptr, f_ptr, fa, fb, scr, scr16, c0, zsc,
+                            inv_zsc, START, K, MODE, N0, N1, N2, NP0, NP1, F0, F1, CB, FAST, PREC,
+                        )  # fmt: skip
                         q, code = _codes(y, inv, s, QMAX, FAST)
                         u = _residual(y, q, s_eff, MAC_INPUT, FAST, ASM)
                     uf, ucode = _codes(u, inv_u, su, QMAX_U, FAST, False)
@@ -753,7 +774,7 @@ def _branch_finish(
 @triton.jit
 def site_quant_kernel(
     x_ptr, stride_x, perm_ptr, smooth_ptr, f_ptr, clip_ptr,
-    qx_ptr, sx_ptr, qsum_ptr, uq_ptr, su_ptr, scr_ptr, acc_ptr, cnt_ptr,
+    qx_ptr, sx_ptr, qsum_ptr, uq_ptr, su_ptr, scr_ptr, scr16_ptr, acc_ptr, cnt_ptr,
     l2_ptr, l2s_ptr, hq_ptr, sh_ptr,
     l4_ptr, l4s_ptr, gq_ptr, sg_ptr,
     N, T,
@@ -763,13 +784,14 @@ def site_quant_kernel(
     HAS_MAC: tl.constexpr, MAC_W_BITS: tl.constexpr, QMAX_MAC: tl.constexpr,
     SEG2: tl.constexpr, R2P: tl.constexpr, R2_POW2: tl.constexpr, W4: tl.constexpr,
     MAC_INPUT: tl.constexpr,
-    PIECES1: tl.constexpr, PIECES2: tl.constexpr, SLOT: tl.constexpr, BRANCH: tl.constexpr,
+    PIECES1: tl.constexpr, PIECES2: tl.constexpr, SLOT: tl.constexpr, SLOT16: tl.constexpr,
+    BRANCH: tl.constexpr,
     BK: tl.constexpr, ASM: tl.constexpr, ACC_P2: tl.constexpr,
 ):  # fmt: skip
     """K1 (module doc). Grid ``(G,)``: program ``pid`` takes the tokens
     ``[pid N / G, (pid + 1) N / G)`` (their counts differ by one at most) in blocks of
     ``T <= 16``. ``PV``/``PT``/``PM``: the plan of each
-    path (:func:`plan_path`); ``SLOT``: scratch floats per program (mode-3 paths);
+    path (:func:`plan_path`); ``SLOT``/``SLOT16``: fp32/fp16 scratch per program (mode 3);
     ``BRANCH``: 0 no branch, 1 down-projections here, 2 zero ``acc`` and ``cnt`` for K2
     (``ACC_P2``: a power of two >= the ``acc`` row). ``acc`` rows: CWS ranks padded to 32
     (``R1P``), MAC ranks (``R2P``), then the MAC code sum; ``PIECES1``/``PIECES2``: the rank
@@ -780,6 +802,7 @@ def site_quant_kernel(
     ACC_W: tl.constexpr = R1P + R2P + HAS_MAC
     pid = tl.program_id(0)
     scr = scr_ptr + pid * SLOT
+    scr16 = scr16_ptr + pid * SLOT16
     fa, fb, fc = _fast_factors(f_ptr, PM[2], PM[3], PM[4], PM[5], PM[6], PM[7], PM[8], PM[9],
                                PM[10], PM[11], PM[15])  # fmt: skip
     lo = (pid * N) // tl.num_programs(0)
@@ -802,7 +825,7 @@ def site_quant_kernel(
             if PV[18] == 0:
                 s_v, qs_v, _su, _us = _path(
                     x_row, perm_ptr, smooth_ptr, f_ptr, 0.0, 0.0, 0.0, clip_ptr, q_row, u_row,
-                    scr, 0, PV[0], PV[1], PV[2], PV[3], PV[4], PV[5], PV[6], PV[7], PV[8],
+                    scr, scr16, 0, PV[0], PV[1], PV[2], PV[3], PV[4], PV[5], PV[6], PV[7], PV[8],
                     PV[9], PV[10], PV[11], PV[12], PV[13], PV[14], PV[15], PV[16], PV[17],
                     False, 1, 0, ASM,
                 )  # fmt: skip
@@ -811,14 +834,15 @@ def site_quant_kernel(
             if PT[18] == 0:
                 s_t, qs_t, _su, _us = _path(
                     x_row, perm_ptr, smooth_ptr, f_ptr, 0.0, 0.0, 0.0, clip_ptr, q_row, u_row,
-                    scr, 1, PT[0], PT[1], PT[2], PT[3], PT[4], PT[5], PT[6], PT[7], PT[8],
+                    scr, scr16, 1, PT[0], PT[1], PT[2], PT[3], PT[4], PT[5], PT[6], PT[7], PT[8],
                     PT[9], PT[10], PT[11], PT[12], PT[13], PT[14], PT[15], PT[16], PT[17],
                     False, 1, 0, ASM,
                 )  # fmt: skip
                 tl.store(sx_ptr + t * 3 + 1, s_t)
                 tl.store(qsum_ptr + t * 3 + 1, qs_t.to(tl.int32))
             s_m, qs_m, su, usum = _path(
-                x_row, perm_ptr, smooth_ptr, f_ptr, fa, fb, fc, clip_ptr, q_row, u_row, scr, 2,
+                x_row, perm_ptr, smooth_ptr, f_ptr, fa, fb, fc, clip_ptr, q_row, u_row, scr, scr16,
+                2,
                 PM[0], PM[1], PM[2], PM[3], PM[4], PM[5], PM[6], PM[7], PM[8], PM[9], PM[10],
                 PM[11], PM[12], PM[13], PM[14], PM[15], PM[16], PM[17], HAS_MAC, QMAX_MAC,
                 MAC_INPUT, ASM,
@@ -943,7 +967,9 @@ class PathPlan:
     ``padded`` their register widths (powers of two >= 16), ``f_off`` the factors' offsets in
     the flat ``factors``; ``cb`` the chunk width of modes 0/3, ``sa`` the slices per step of
     mode 3's first stage, ``chunks`` the final tiles per token (1 = the whole token in one
-    register tile); ``fast`` fp16 operands; ``prec`` the fp32 ``tl.dot`` precision otherwise.
+    register tile; mode 0's padded width is ``padded[0]``); ``fast`` 1 for fp16 operands;
+    ``prec`` the fp32 ``tl.dot`` precision otherwise (an index of :data:`PRECISIONS`);
+    ``qmax`` the activation code bound; ``rows`` see :meth:`astuple`.
     """
 
     start: int
@@ -1118,7 +1144,8 @@ def site_quant_constexprs(
     r1 = sum(cws_ranks) if has_cws else 0
     r2 = sum(mac_ranks) if has_mac else 0
     r1p, r2p = rank_step_pad(r1), rank_step_pad(r2)
-    slot = max([pl.k for pl in (pv, pt, pm) if pl.mode == 3] or [0])
+    slot = max([pl.k + pl.sides[0] for pl in (pv, pt, pm) if pl.mode == 3] or [0])
+    slot16 = pm.k if pm.mode == 3 and pm.fast else 0
     return {
         "PV": pv.astuple(),
         "PT": pt.astuple(),
@@ -1141,6 +1168,7 @@ def site_quant_constexprs(
         "W2": -(-int(sizes[2]) * int(branch_bits[0]) // 32),
         "W4": -(-int(sizes[2]) * int(branch_bits[2]) // 32),
         "SLOT": slot,
+        "SLOT16": slot16,
         "BRANCH": cfg["BRANCH"] if has_cws or has_mac else 0,
         "BK": cfg["BK"],
         "ASM": (not interpreting()) if asm is None else bool(asm),
@@ -1275,6 +1303,7 @@ def site_quantize_triton(
     cnt = torch.empty(tiles, dtype=torch.int32, device=dev) if const["BRANCH"] == 2 else qsum
     scr = torch.empty(geo["G"] * const["SLOT"], dtype=torch.float32, device=dev)
     scr = scr if const["SLOT"] else sx
+    scr16 = torch.empty(max(geo["G"] * const["SLOT16"], 1), dtype=torch.float16, device=dev)
     l2 = _factor_view(p.cws.down if has_cws else None, branch_bits[0], qx)
     l4 = _factor_view(p.mac.down if has_mac else None, branch_bits[2], qx)
     l2s = _ptr(p.cws.down_scale if has_cws else None, sx)
@@ -1282,7 +1311,7 @@ def site_quantize_triton(
     factors = _ptr(_f32(p.factors), sx)
     site_quant_kernel[(geo["G"],)](
         x, x.stride(0), p.perm, _f32(p.smooth), factors, _f32(p.act_clip),
-        qx, sx, qsum, _ptr(uq, qx), _ptr(su, sx), scr, acc, cnt,
+        qx, sx, qsum, _ptr(uq, qx), _ptr(su, sx), scr, scr16, acc, cnt,
         l2, l2s, _ptr(hq, qx), _ptr(sh, sx),
         l4, l4s, _ptr(gq, qx), _ptr(sg, sx),
         n, geo["T"],
