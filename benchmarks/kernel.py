@@ -177,8 +177,9 @@ def kernel_a_launches(s: SiteSpec, n: int) -> list[KernelCost]:
     decode K2. HBM bytes: the bf16 input, the first read of ``perm``/``smooth``/factors, the
     branch factors once (K1 at prefill, K2 at decode), and every output (codes, scales, code
     sums, the MAC input codes ``uq`` and the int32 branch accumulators, whose read-backs hit
-    L2). ``scratch``: mode-3 paths' slot traffic (Z written, read by two passes; with the MAC
-    the residual written and read), which stays in L2 (``G`` slots of ``k`` floats).
+    L2). ``scratch``: mode-3 paths' slot traffic (Z written, read by two passes, fp16 on a fast
+    path; with the MAC the residual written and read in fp32), which stays in L2 (``G``
+    slots).
     ``l2_per_program``: the busiest program's L2 <-> SM bytes: ``perm``/``smooth``/factors once
     (L1 across its tokens), the scratch of its tokens, and per block the branch factors and
     the 16-row code tiles of every rank piece (K1 at prefill), or K2's slice of them."""
@@ -203,8 +204,12 @@ def kernel_a_launches(s: SiteSpec, n: int) -> list[KernelCost]:
     read = n * d * 2 + d * 8 + factors + 12
     write = n * (d + 24) + (n * (km + 4) if r2 else 0) + n * acc_w * 4
     out_br = (n * (r1 + 4 * m) if r1 else 0) + (n * (r2 + 4 * m) if r2 else 0)
-    mode3 = [pl for pl in (const["PV"], const["PT"], const["PM"]) if pl[2] == 3]
-    per_tok_scr = sum(pl[1] * 4 * (5 if (pl is const["PM"] and r2) else 3) for pl in mode3)
+    per_tok_scr = 0
+    for pl in (const["PV"], const["PT"], const["PM"]):
+        if pl[2] == 3:  # Z written once, read by two passes (fp16 on a fast path, else fp32)
+            per_tok_scr += pl[1] * (2 if pl[15] else 4) * 3
+            if pl is const["PM"] and r2:  # the MAC input: fp32, written and read once
+                per_tok_scr += pl[1] * 8
     blocks = -(-geo["per_program"] // geo["T"])
     l2_1 = d * 8 + factors + geo["per_program"] * per_tok_scr
     prefill = const["BRANCH"] == 1

@@ -462,9 +462,12 @@ def expected_quant_loops(const: dict, geo: dict) -> list[tuple[str, int]]:
     return out
 
 
-def expected_branch_loops(const: dict, geo: dict) -> list[tuple[str, int]]:
-    """Kernel A K2's loops (``site_quant.site_branch_kernel``) for its ``k_split`` channels."""
-    return _branch_loops(const, _cdiv(geo["k_split"], const["BK"]))
+def expected_branch_loops(const: dict, geo: dict, n: int) -> list[tuple[str, int]]:
+    """Kernel A K2's loops (``site_quant.site_branch_kernel``) for its ``k_split`` channels,
+    then the epilogue's loop over the real rows of a 16-token tile (the last program's),
+    ``EPI_ROWS`` at a time."""
+    steps = _cdiv(min(n, 16), const["EPI_ROWS"])
+    return _branch_loops(const, _cdiv(geo["k_split"], const["BK"])) + [("epilogue rows", steps)]
 
 
 def assign_trips(prof: Profile, expected: list[tuple[str, int]]) -> list[str]:
@@ -595,7 +598,8 @@ def layer_profiles(model: str, bits: str, tokens: list[int], jobs: int = 2,
                 if kern == "A":
                     runs.append((n, expected_quant_loops(const, geo), geo["G"]))
                 else:
-                    runs.append((n, expected_branch_loops(const, geo), geo["S"] * geo["tiles"]))
+                    runs.append((n, expected_branch_loops(const, geo, n),
+                                 geo["S"] * geo["tiles"]))  # fmt: skip
         for n, expected, grid in runs:
             warn = assign_trips(prof, expected)
             threads = prof.num_warps * 32

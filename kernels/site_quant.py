@@ -97,6 +97,9 @@ OUTLIER_PRECISION = "ieee"
 RANK_STEP = 32
 #: Rows of a branch down-projection tile (the smallest M of an int8 ``tl.dot``).
 BRANCH_ROWS = 16
+#: Rows per step of K2's epilogue (decode tiles hold 1-16 real tokens: 4 balances one token's
+#: cost against sixteen's, compiled for sm_90).
+K2_EPILOGUE_ROWS = 4
 #: Largest register tile of a transform stage (fp32 elements per program).
 TILE_MAX = 8192
 #: Largest whole-token tile of a mode-2 path (``NPA * NPB``).
@@ -674,7 +677,7 @@ def _branch_epilogue(
     SEGS: tl.constexpr, QMAX: tl.constexpr, RP2: tl.constexpr, OFFSET: tl.constexpr,
     VOLATILE: tl.constexpr,
 ):  # fmt: skip
-    """Hidden states of one branch for a 16-row tile: ``h = (acc - OFFSET * code_sum) *
+    """Hidden states of one branch for a tile of rows: ``h = (acc - OFFSET * code_sum) *
     tok_scale * down_scale`` (the reference's order; ``OFFSET`` the factors' code offset left
     in by :func:`_branch_partial`), quantized per token and linear segment into ``q_ptr``
     (N, R) int8 and ``s_ptr`` (N, M). ``VOLATILE``: read ``acc`` past L1 (other programs'
@@ -750,9 +753,9 @@ def _branch_finish(
     HAS_MAC: tl.constexpr, MAC_W_BITS: tl.constexpr, QMAX_MAC: tl.constexpr,
     SEG2: tl.constexpr, R2P: tl.constexpr, R2_POW2: tl.constexpr, VOLATILE: tl.constexpr,
 ):  # fmt: skip
-    """Epilogues of both branches for a 16-row tile (CWS scaled by ``s_m``, its offset removed
-    with ``qsum_m``; MAC by ``su``, with the MAC code sums K1 left in ``acc``'s column
-    ``R1P + R2P``)."""
+    """Epilogues of both branches for a tile of rows (16 in K1; one in K2, whose tiles hold
+    1-16 real tokens at decode): CWS scaled by ``s_m``, its offset removed with ``qsum_m``; MAC
+    by ``su``, with the MAC code sums K1 left in ``acc``'s column ``R1P + R2P``."""
     if HAS_CWS:
         s_m = tl.load(sx_ptr + rows * 3 + 2, mask=row_mask, other=0.0)
         qs = tl.load(qsum_ptr + rows * 3 + 2, mask=row_mask, other=0)
@@ -889,10 +892,12 @@ def site_branch_kernel(
     HAS_MAC: tl.constexpr, MAC_W_BITS: tl.constexpr, QMAX_MAC: tl.constexpr,
     SEG2: tl.constexpr, R2P: tl.constexpr, R2_POW2: tl.constexpr, W4: tl.constexpr,
     PIECES1: tl.constexpr, PIECES2: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr,
+    EPI_ROWS: tl.constexpr,
 ):  # fmt: skip
     """K2 (module doc). Grid ``(S, cdiv(N, 16))``: program ``(s, i)`` adds the partial
     down-projections of rows ``[16 i, 16 i + 16)`` over ``[s k_split, (s + 1) k_split)`` to
-    ``acc`` (zeroed by K1); the last of the ``S`` programs of a tile runs the epilogues."""
+    ``acc`` (zeroed by K1); the last of the ``S`` programs of a tile runs the epilogues on the
+    tile's real rows, ``EPI_ROWS`` at a time."""
     ACC_W: tl.constexpr = R1P + R2P + HAS_MAC
     pid_k = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -908,10 +913,14 @@ def site_branch_kernel(
     done = tl.atomic_add(cnt_ptr + pid_t, 1, sem="acq_rel")
     if done == tl.num_programs(0) - 1:
         tl.debug_barrier()
-        _branch_finish(sx_ptr, qsum_ptr, su_ptr, acc_ptr, rows, row_mask, l2s_ptr, hq_ptr,
-                       sh_ptr, l4s_ptr, gq_ptr, sg_ptr, ACC_W, HAS_CWS, CWS_W_BITS, QMAX_CWS,
-                       SEG1, R1P, R1_POW2, HAS_MAC, MAC_W_BITS, QMAX_MAC, SEG2, R2P, R2_POW2,
-                       True)  # fmt: skip
+        # Real rows only, EPI_ROWS at a time (a decode tile holds 1-16 tokens).
+        row_hi = tl.minimum(pid_t * 16 + 16, N)
+        for g0 in range(pid_t * 16, row_hi, EPI_ROWS):
+            grp = g0 + tl.arange(0, EPI_ROWS)
+            _branch_finish(sx_ptr, qsum_ptr, su_ptr, acc_ptr, grp, grp < row_hi, l2s_ptr,
+                           hq_ptr, sh_ptr, l4s_ptr, gq_ptr, sg_ptr, ACC_W, HAS_CWS, CWS_W_BITS,
+                           QMAX_CWS, SEG1, R1P, R1_POW2, HAS_MAC, MAC_W_BITS, QMAX_MAC, SEG2,
+                           R2P, R2_POW2, True)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -1183,7 +1192,8 @@ def site_branch_constexprs(const: dict) -> dict:
             "MAC_W_BITS", "QMAX_MAC", "SEG2", "R2P", "R2_POW2", "W4", "PIECES1", "PIECES2",
             "BK", "ASM")  # fmt: skip
     out = {k: const[k] for k in keep}
-    out.update(D=const["PV"][1] + const["PT"][1] + pm[1], START_M=pm[0], KM=pm[1])
+    out.update(D=const["PV"][1] + const["PT"][1] + pm[1], START_M=pm[0], KM=pm[1],
+               EPI_ROWS=K2_EPILOGUE_ROWS)  # fmt: skip
     return out
 
 
