@@ -31,9 +31,9 @@ Launches (:func:`site_quantize_triton`; geometry from :func:`site_quant_grid`):
   the rows, no element replicated across threads).
 
   Branch down-projections: with ``BRANCH == 1`` (prefill) the program then runs them for its
-  block (:func:`_branch_group`: int8 ``tl.dot`` over rank pieces, powers of two from 256 down
-  to 32 that add up to the rank padded to 32, one K loop per branch, reading back the codes
-  it just stored) into the int32 workspace ``acc`` (N, R1P + R2P + 1) and quantizes the
+  block (:func:`_branch_group`: int8 ``tl.dot`` over rank pieces, powers of two from 128 down
+  to 32 that add up to the rank padded to 32, one K loop per four pieces, reading back the
+  codes it just stored) into the int32 workspace ``acc`` (N, R1P + R2P + 1) and quantizes the
   hidden states per linear segment (:func:`_branch_epilogue`) into ``hq``/``sh``,
   ``gq``/``sg``. With ``BRANCH == 2`` (decode) it zeroes its rows of ``acc`` and the tile
   counters for K2.
@@ -941,7 +941,7 @@ def rank_step_pad(r: int) -> int:
     return -(-int(r) // RANK_STEP) * RANK_STEP
 
 
-def rank_pieces(r: int, widest: int = 256) -> tuple[tuple[int, ...], ...]:
+def rank_pieces(r: int, widest: int = 128) -> tuple[tuple[int, ...], ...]:
     """Rank pieces of a rank ``r`` padded to :data:`RANK_STEP`: powers of two from ``widest``
     down to 32, largest first, in groups of four ``(r0, width)`` flattened to 8 entries (width 0
     = absent; one K loop per group in :func:`_branch_pieces`)."""
@@ -1198,11 +1198,12 @@ def site_branch_constexprs(const: dict) -> dict:
 
 
 def site_quant_options(const: dict, cfg: dict) -> dict:
-    """Launch options of K1: 8 warps where a mode-2 tile exceeds 8192 elements (the
-    registers of 4 warps), else the configuration's."""
-    tiles = [c[6] * c[7] for c in (const["PV"], const["PT"], const["PM"]) if c[2] == 2]
-    warps = 8 if max(tiles or [0]) > 8192 else cfg["num_warps"]
-    return {"num_warps": warps, "num_stages": cfg["num_stages"]}
+    """Launch options of K1: 8 warps where a mode-2 tile exceeds 4096 elements (the
+    registers of 4 warps spill there: compiled for sm_90), else the configuration's."""
+    plans = (const["PV"], const["PT"], const["PM"])
+    tiles = [c[6] * c[7] for c in plans if c[2] == 2]
+    wide = max(tiles or [0]) > 4096
+    return {"num_warps": 8 if wide else cfg["num_warps"], "num_stages": cfg["num_stages"]}
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
