@@ -13,21 +13,25 @@ each linear's full rank, outlier paths and branches at max(b, 4) bits.
 
 Printed:
 
-(a) launches per layer forward: Triton launches counted by a pre-run hook on the two kernels
-    and the torch ops under the four ``splitq::site_linear`` calls (``torch.profiler``), on
-    tiny shapes (under Triton's interpreter when there is no GPU), against the bf16 layer's
-    seven GEMMs;
+(a) launches per layer forward: Triton launches counted by a pre-run hook on the kernels
+    (kernel A's K1 and, at decode on a GPU, its split-K K2; kernel B) and the torch ops under
+    the four ``splitq::site_linear`` calls (``torch.profiler``), on tiny shapes (under
+    Triton's interpreter when there is no GPU), against the bf16 layer's seven GEMMs;
 (b) bytes read and written per layer and per token, from the kernels' shapes (weights,
-    scales, factors, branch factors, activations, codes, kernel A's fp32 work buffer counted
-    as memory traffic, outputs), SplitQ vs bf16;
+    scales, factors, branch factors, activations, codes, kernel A's ``uq`` and int32 branch
+    accumulators, outputs; kernel A's scratch slot stays in L2 and is listed apart), SplitQ vs
+    bf16;
 (c) the hardware model on H100 and H200 SXM (132 SMs at 1.83 GHz, 3.35 / 4.8 TB/s, 50 MB L2):
-    each launch takes ``max(tensor core, ALU issue, memory)``, with the tensor-core and
+    each launch takes ``max(tensor core, ALU issue, memory, L2)``, with the tensor-core and
     instruction counts read from the kernels compiled for sm_90 (``benchmarks/sass.py``, run
-    in a subprocess: it needs ptxas/nvdisasm from the triton wheel, no GPU), the grid against
-    132 SMs and kernel B's weight re-fetch per wave; kernel B's main-loop integer instructions
-    per 4-bit code; linears-only and full-layer ratios vs bf16 (see ``print_model``);
+    in a subprocess: it needs ptxas/nvdisasm from the triton wheel, no GPU; kernel A's loop
+    trips follow its launch geometry at each token count), the grid against 132 SMs, kernel
+    B's weight re-fetch per wave and the busiest SM's L2 traffic; kernel B's main-loop integer
+    instructions per 4-bit code; linears-only and full-layer ratios vs bf16 (see
+    ``print_model``);
 (d) transform precision: quantization codes that flip against an fp64 transform, for fp32
-    (what the kernels compute) and for TF32 operands (emulated), on a real-width site;
+    and for TF32 operands (emulated; fp16 operands flip as many as TF32), on a real-width
+    site;
 (e) on a GPU only: the measured time of a decoder layer (RMSNorm, the four sites or seven
     bf16 linears, SDPA attention without rotary or KV cache, SiLU-gated MLP, residuals) at
     the model's widths, CUDA graphs for 1-16 tokens, and the card's name. Without a GPU the
