@@ -109,7 +109,7 @@ def checkpoint_report(path: str) -> tuple[int, int]:
     from transformers import AutoModelForImageTextToText
 
     import splitq_modifier  # noqa: F401  (registers the format)
-    from splitq_modifier.format.load import key_maps
+    from splitq_modifier.integrations.transformers import key_maps
     from splitq_modifier.runtime import SplitQSiteLinear
 
     model = AutoModelForImageTextToText.from_pretrained(path)
