@@ -36,9 +36,12 @@ from splitq_modifier.kernels.site_gemm import (
 )
 from splitq_modifier.kernels.site_quant import (
     SITE_QUANT_GPU_TOKENS,
+    site_branch_constexprs,
+    site_branch_kernel,
     site_quant_config,
     site_quant_constexprs,
     site_quant_kernel,
+    site_quant_options,
 )
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -51,10 +54,10 @@ SM90_SHARED_LIMIT = 232448
 # Pointer element types of the kernel arguments (everything else not constexpr is an i32).
 _QUANT_PTRS = {
     "x_ptr": "*bf16", "perm_ptr": "*i32", "smooth_ptr": "*fp32", "f_ptr": "*fp32",
-    "clip_ptr": "*fp32", "xt_ptr": "*fp32", "qx_ptr": "*i8", "sx_ptr": "*fp32",
-    "l2_ptr": "*i32", "l2s_ptr": "*fp32", "hq_ptr": "*i8", "sh_ptr": "*fp32",
-    "l4_ptr": "*i32", "l4s_ptr": "*fp32", "uq_ptr": "*i8", "su_ptr": "*fp32",
-    "gq_ptr": "*i8", "sg_ptr": "*fp32",
+    "clip_ptr": "*fp32", "qx_ptr": "*i8", "sx_ptr": "*fp32", "qsum_ptr": "*i32",
+    "uq_ptr": "*i8", "su_ptr": "*fp32", "scr_ptr": "*fp32", "scr16_ptr": "*fp16", "acc_ptr": "*i32",
+    "cnt_ptr": "*i32", "l2_ptr": "*i32", "l2s_ptr": "*fp32", "hq_ptr": "*i8",
+    "sh_ptr": "*fp32", "l4_ptr": "*i32", "l4s_ptr": "*fp32", "gq_ptr": "*i8", "sg_ptr": "*fp32",
 }  # fmt: skip
 _GEMM_PTRS = {
     "qx_ptr": "*i8", "sx_ptr": "*fp32", "qsum_ptr": "*i32", "out_ptr": "*bf16",
@@ -124,23 +127,42 @@ def real_site(model: str, site: str) -> dict:
 def quant_spec(
     label: str, site: dict, n_tokens: int, a_bits=(4, 4, 4), branch_bits=(4, 4, 3, 4)
 ) -> tuple:
-    """``(label, "quant", constexprs, options, ints)`` of kernel A at a real site (see
+    """``(label, "quant", constexprs, options, ints)`` of kernel A's K1 at a real site (see
     :func:`real_site`) in the GPU configuration for ``n_tokens``."""
     cfg = site_quant_config(n_tokens, interpret=False)
     const = site_quant_constexprs(
         site["sizes"], site["factor_dims"], site["cws_ranks"], site["mac_ranks"], a_bits,
-        branch_bits, 0, False, cfg,
+        branch_bits, 0, cfg, asm=True,
     )  # fmt: skip
-    opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-    opts["enable_fp_fusion"] = False
-    bm = cfg["BLOCK_M"]
-    km = site["sizes"][2]
-    ints = {
-        "stride_x": sum(site["sizes"]),
-        "stride_l2": packed_words(km, branch_bits[0]),
-        "stride_l4": packed_words(km, branch_bits[2]),
-    }
-    return (f"kernel A BM={bm} {label}", "quant", const, opts, ints)
+    opts = dict(site_quant_options(const, cfg), enable_fp_fusion=True)
+    ints = {"stride_x": sum(site["sizes"])}
+    tag = "prefill" if const["BRANCH"] == 1 else "decode"
+    return (f"kernel A K1 {tag} {label}", "quant", const, opts, ints)
+
+
+def branch_spec(label: str, site: dict, n_tokens: int, branch_bits=(4, 4, 3, 4)) -> tuple:
+    """``(label, "branch", constexprs, options, ints)`` of kernel A's K2 (the split-K branch
+    down-projections of the decode configuration) at a real site."""
+    cfg = site_quant_config(n_tokens, interpret=False)
+    const = site_quant_constexprs(
+        site["sizes"], site["factor_dims"], site["cws_ranks"], site["mac_ranks"], (4, 4, 4),
+        branch_bits, 0, cfg, asm=True,
+    )  # fmt: skip
+    ints = {}
+    opts = {"num_warps": 4, "num_stages": 1, "enable_fp_fusion": True}
+    return (f"kernel A K2 {label}", "branch", site_branch_constexprs(const), opts, ints)
+
+
+def kernel_and_ptrs(kind: str, const: dict) -> tuple:
+    """The jit function of a spec kind ("quant": K1, "branch": K2, "gemm": kernel B) and the
+    element types of its pointer arguments (4-bit branch factors are read as bytes)."""
+    if kind == "gemm":
+        return site_gemm_kernel, _GEMM_PTRS
+    ptrs = dict(_QUANT_PTRS)
+    for name, bits in (("l2_ptr", "CWS_W_BITS"), ("l4_ptr", "MAC_W_BITS")):
+        if const[bits] == 4:
+            ptrs[name] = "*u8"
+    return (site_quant_kernel if kind == "quant" else site_branch_kernel), ptrs
 
 
 def gemm_spec(
@@ -167,8 +189,9 @@ def kernel_specs(all_sites: bool = False) -> list[tuple[str, str, dict, dict, di
     """``(label, kernel name, constexprs, options, integer arguments)`` of every configuration
     to build (the integers: real-site values of the strides, for :func:`_attrs`).
 
-    Kernel A: :data:`FAMILY_SITES` (``--all``: every distinct real-model site at every
-    configuration). MAC factors are 3-bit and CWS 4-bit, so both unpack variants are built.
+    Kernel A: K1 at :data:`FAMILY_SITES` and with an 8-bit (exact, tf32x3) main path
+    (``--all``: every distinct real-model site at every configuration), and K2 once. MAC
+    factors are 3-bit and CWS 4-bit, so both unpack variants are built.
     Kernel B: every token-count configuration of :data:`SITE_GEMM_GPU_CONFIGS`, with both
     branches, the text mask and bias on, at real sites with 3, 2 and 1 linears, mixing weight
     bits 4/3/2 and 8.
@@ -183,17 +206,27 @@ def kernel_specs(all_sites: bool = False) -> list[tuple[str, str, dict, dict, di
                 site = real_site(model, name)
                 for n in SITE_QUANT_GPU_TOKENS:
                     spec = quant_spec(f"{model}:{name} {site['dims']}", site, n)
-                    # Same generated code: same stage table modulo path offsets and widths,
-                    # same padded ranks and number of linears.
+                    # Same generated code: same path plans modulo offsets and widths, same
+                    # padded ranks and number of linears.
                     c = spec[2]
-                    shape = tuple(st[5:11] + st[12:14] for st in c["STAGES"])
-                    key = (n, shape, c["R1_P"], c["R2_P"], len(c["SEG1"]), len(c["SEG2"]))
+                    shape = tuple(pl[2:9] + pl[12:] for pl in (c["PV"], c["PT"], c["PM"]))
+                    key = (n, shape, c["R1P"], c["R2P"], len(c["SEG1"]), len(c["SEG2"]))
                     if key not in seen:
                         seen.add(key)
                         specs.append(spec)
     else:
         for label, model, name, n in FAMILY_SITES:
             specs.append(quant_spec(label, real_site(model, name), n))
+        attn_7b = real_site("Qwen2.5-VL-7B", "attn_in")
+        specs.append(quant_spec("8-bit (exact) main path, 54x64", attn_7b,
+                                SITE_QUANT_GPU_TOKENS[1], a_bits=(8, 8, 8)))  # fmt: skip
+    specs.append(
+        branch_spec(
+            "3 linears, 4-bit CWS + 3-bit MAC factors",
+            real_site("Qwen2.5-VL-7B", "attn_in"),
+            SITE_QUANT_GPU_TOKENS[0],
+        )
+    )
     gemm_sites = (
         ("Qwen2.5-VL-7B", "attn_in", (4, 3, 2), (4, 4, 3, 4)),
         ("Qwen2.5-VL-7B", "mlp_in", (8, 4, 3), (3, 4, 2, 4)),
@@ -211,9 +244,7 @@ def kernel_specs(all_sites: bool = False) -> list[tuple[str, str, dict, dict, di
 
 def _build(spec: tuple, arch: int, warp_size: int) -> tuple[str, int, float, int]:
     label, kind, const, opts, ints = spec
-    fn, ptrs = (
-        (site_quant_kernel, _QUANT_PTRS) if kind == "quant" else (site_gemm_kernel, _GEMM_PTRS)
-    )
+    fn, ptrs = kernel_and_ptrs(kind, const)
     t0 = time.time()
     src = ASTSource(
         fn=fn,

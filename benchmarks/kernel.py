@@ -13,21 +13,25 @@ each linear's full rank, outlier paths and branches at max(b, 4) bits.
 
 Printed:
 
-(a) launches per layer forward: Triton launches counted by a pre-run hook on the two kernels
-    and the torch ops under the four ``splitq::site_linear`` calls (``torch.profiler``), on
-    tiny shapes (under Triton's interpreter when there is no GPU), against the bf16 layer's
-    seven GEMMs;
+(a) launches per layer forward: Triton launches counted by a pre-run hook on the kernels
+    (kernel A's K1 and, at decode on a GPU, its split-K K2; kernel B) and the torch ops under
+    the four ``splitq::site_linear`` calls (``torch.profiler``), on tiny shapes (under
+    Triton's interpreter when there is no GPU), against the bf16 layer's seven GEMMs;
 (b) bytes read and written per layer and per token, from the kernels' shapes (weights,
-    scales, factors, branch factors, activations, codes, kernel A's fp32 work buffer counted
-    as memory traffic, outputs), SplitQ vs bf16;
+    scales, factors, branch factors, activations, codes, kernel A's ``uq`` and int32 branch
+    accumulators, outputs; kernel A's scratch slot stays in L2 and is listed apart), SplitQ vs
+    bf16;
 (c) the hardware model on H100 and H200 SXM (132 SMs at 1.83 GHz, 3.35 / 4.8 TB/s, 50 MB L2):
-    each launch takes ``max(tensor core, ALU issue, memory)``, with the tensor-core and
+    each launch takes ``max(tensor core, ALU issue, memory, L2)``, with the tensor-core and
     instruction counts read from the kernels compiled for sm_90 (``benchmarks/sass.py``, run
-    in a subprocess: it needs ptxas/nvdisasm from the triton wheel, no GPU), the grid against
-    132 SMs and kernel B's grouped program order; kernel B's main-loop integer instructions
-    per 4-bit code; linears-only and full-layer ratios vs bf16 (see ``print_model``);
+    in a subprocess: it needs ptxas/nvdisasm from the triton wheel, no GPU; kernel A's loop
+    trips follow its launch geometry at each token count), the grid against 132 SMs, kernel
+    B's grouped program order and the busiest SM's L2 traffic; kernel B's main-loop integer
+    instructions per 4-bit code; linears-only and full-layer ratios vs bf16 (see
+    ``print_model``);
 (d) transform precision: quantization codes that flip against an fp64 transform, for fp32
-    (what the kernels compute) and for TF32 operands (emulated), on a real-width site;
+    and for TF32 operands (emulated; fp16 operands flip as many as TF32), on a real-width
+    site;
 (e) on a GPU only: the measured time of a decoder layer (RMSNorm, the four sites or seven
     bf16 linears, SDPA attention without rotary or KV cache, SiLU-gated MLP, residuals) at
     the model's widths, CUDA graphs for 1-16 tokens, and the card's name. Without a GPU the
@@ -160,8 +164,10 @@ class KernelCost:
     name: str
     read: int
     write: int
-    macs: dict  # unit -> MACs ("bf16", "int8", "tf32x3")
-    scratch: int = 0  # of read + write: kernel A's fp32 work buffer
+    macs: dict  # unit -> MACs ("bf16", "int8", "fp16", "tf32x3")
+    scratch: int = 0  # kernel A: bytes of its on-chip/L2 scratch traffic (not in read/write)
+    grid: int = 0  # programs of the launch (0: set by the caller)
+    l2_per_program: float = 0.0  # bytes one program moves between L2 and the SM
 
 
 def _gpu_configs(n: int) -> tuple[dict, dict]:
@@ -171,47 +177,74 @@ def _gpu_configs(n: int) -> tuple[dict, dict]:
     return site_quant_config(n, interpret=False), site_gemm_config(n, interpret=False)
 
 
+def kernel_a_launches(s: SiteSpec, n: int) -> list[KernelCost]:
+    """Kernel A's launches for one site at ``n`` tokens (``kernels/site_quant.py``): K1, and at
+    decode K2. HBM bytes: the bf16 input, the first read of ``perm``/``smooth``/factors, the
+    branch factors once (K1 at prefill, K2 at decode), and every output (codes, scales, code
+    sums, the MAC input codes ``uq`` and the int32 branch accumulators, whose read-backs hit
+    L2). ``scratch``: mode-3 paths' slot traffic (Z written, read by two passes, fp16 on a fast
+    path; with the MAC the residual written and read in fp32), which stays in L2 (``G``
+    slots).
+    ``l2_per_program``: the busiest program's L2 <-> SM bytes: ``perm``/``smooth``/factors once
+    (L1 across its tokens), the scratch of its tokens, and per block the branch factors and
+    the 16-row code tiles of every rank piece (K1 at prefill), or K2's slice of them."""
+    from splitq_modifier.kernels.site_quant import (
+        site_quant_config,
+        site_quant_constexprs,
+        site_quant_grid,
+    )
+
+    cfg = site_quant_config(max(n, 1), interpret=False)
+    kv, kt, km = s.sizes
+    d, m = s.d, len(s.out_splits)
+    r1, r2 = sum(s.cws), sum(s.mac)
+    fd = flatten_factor_dims(s.dims)
+    bb = (s.branch_bits[0], s.branch_bits[1], s.branch_bits[0], s.branch_bits[1])
+    const = site_quant_constexprs(s.sizes, fd, s.cws or None, s.mac or None, s.a_bits, bb, 0,
+                                  cfg, asm=True)  # fmt: skip
+    geo = site_quant_grid(max(n, 1), cfg, km, SMS)
+    acc_w = const["R1P"] + const["R2P"] + int(bool(r2))
+    factors = 4 * sum(k * k for k in fd)
+    branch_f = (r1 * (const["W2"] * 4 + 4) if r1 else 0) + (r2 * (const["W4"] * 4 + 4) if r2 else 0)
+    read = n * d * 2 + d * 8 + factors + 12
+    write = n * (d + 24) + (n * (km + 4) if r2 else 0) + n * acc_w * 4
+    out_br = (n * (r1 + 4 * m) if r1 else 0) + (n * (r2 + 4 * m) if r2 else 0)
+    per_tok_scr = 0
+    for pl in (const["PV"], const["PT"], const["PM"]):
+        if pl[2] == 3:  # Z written once, read by two passes (fp16 on a fast path, else fp32)
+            per_tok_scr += pl[1] * (2 if pl[15] else 4) * 3
+            if pl is const["PM"] and r2:  # the MAC input: fp32, written and read once
+                per_tok_scr += pl[1] * 8
+    blocks = -(-geo["per_program"] // geo["T"])
+    l2_1 = d * 8 + factors + geo["per_program"] * per_tok_scr
+    prefill = const["BRANCH"] == 1
+    pieces = len(const["PIECES1"]) * bool(r1) + len(const["PIECES2"]) * bool(r2)  # K loops
+    if prefill:
+        read += branch_f
+        write += out_br
+        l2_1 += blocks * (branch_f + pieces * 16 * km + 2 * 16 * acc_w * 4)
+    k1 = KernelCost(f"{s.name} A", read, write, {}, n * per_tok_scr, geo["G"], l2_1)
+    out = [k1]
+    if const["BRANCH"] == 2:
+        grid2 = geo["S"] * geo["tiles"]
+        ks = geo["k_split"]
+        l2_2 = branch_f * ks / max(km, 1) + pieces * 16 * ks + 16 * acc_w * 4
+        out.append(KernelCost(f"{s.name} A2", branch_f, out_br, {}, 0, grid2, l2_2))
+    return out
+
+
 def site_costs(s: SiteSpec, n: int) -> list[KernelCost]:
-    """Kernel A and kernel B of one site at ``n`` tokens (bf16 input and output)."""
-    from splitq_modifier.kernels.site_quant import plan_stages, rank_pad
+    """Kernel A (its launches summed) and kernel B of one site at ``n`` tokens (bf16 input and
+    output)."""
 
     qcfg, gcfg = _gpu_configs(n)
     kv, kt, km = s.sizes
     d, big_d, m = s.d, s.big_d, len(s.out_splits)
     r1, r2 = sum(s.cws), sum(s.mac)
-    fd = flatten_factor_dims(s.dims)
-    stages = plan_stages(s.sizes, fd, qcfg["BLOCK_M"], qcfg["TILE"], qcfg["NO"])
-    n_a = math.ceil(n / qcfg["BLOCK_M"]) * qcfg["BLOCK_M"]  # token rows padded to the block
-    # kernel A
-    read = n * d * 2 + d * 8 + 4 * sum(k * k for k in fd) + 12
-    for ranks, bits in ((s.cws, s.branch_bits[0]), (s.mac, s.branch_bits[0])):
-        if ranks:
-            read += sum(ranks) * (packed_words(km, bits) * 4 + 4)
-    write = n * (d + 12)
-    if r1:
-        write += n * (r1 + 4 * m)
-    if r2:
-        write += n * (r2 + 4 * m + 4)
-    # fp32 work buffer: every stage writes its path, later stages and the quantize sweep read
-    # it, the MAC sweep reads the main path once more.
-    scratch = 0
-    for p, k in enumerate(s.sizes):
-        n_st = sum(1 for st in stages if st[0] == p)
-        # every stage writes the path, (n_st - 1) stage reads + the quantize sweep read it
-        scratch += 8 * n * k * n_st
-    if r2:
-        scratch += 4 * n * km  # the MAC sweep
-    read += scratch // 2 + (4 * n * km if r2 else 0) // 2
-    write += scratch - scratch // 2 - (4 * n * km if r2 else 0) // 2
-    tf_macs = 0
-    for _p, kind, _f, _st, _k, a, _ni, b, _ro, cb, np_, _off, _no, pair, _offb in stages:
-        if pair:  # [A, NPA, NPB] per token times M_b (NPB^2), then times M_a (NPA^2)
-            tf_macs += n_a * a * np_ * cb * (cb + np_)
-        elif kind:
-            tf_macs += n_a * a * math.ceil(b / cb) * cb * np_ * np_
-    br_macs = n_a * km * ((rank_pad(r1) if r1 else 0) + (rank_pad(r2) if r2 else 0))
-    cost_a = KernelCost(f"{s.name} A", read, write, {"tf32x3": tf_macs, "int8": br_macs},
-                        scratch)  # fmt: skip
+    del qcfg, kv, kt
+    la = kernel_a_launches(s, n)
+    cost_a = KernelCost(f"{s.name} A", sum(c.read for c in la), sum(c.write for c in la), {},
+                        sum(c.scratch for c in la))  # fmt: skip
     # kernel B: path weights in the MMA block packing (whole 64-code blocks), branch
     # up-factors dense, ranks in 32-wide MMA steps
     n_b = math.ceil(n / gcfg["BLOCK_T"]) * gcfg["BLOCK_T"]
@@ -238,7 +271,7 @@ def bf16_costs(s: SiteSpec, n: int) -> list[KernelCost]:
 
 def print_bytes(sites: list[SiteSpec], tokens) -> None:
     print("\n(b) bytes read + written per decoder layer (HBM traffic model from kernel shapes)")
-    print("| tokens | SplitQ MB/layer | of which kernel A work buffer MB | bf16 MB/layer "
+    print("| tokens | SplitQ MB/layer | kernel A scratch MB (L2, not counted) | bf16 MB/layer "
           "| SplitQ/bf16 | SplitQ KB/token | bf16 KB/token |")  # fmt: skip
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for n in tokens:
@@ -297,10 +330,14 @@ def _sass_records(model: str, bits: str, tokens) -> list[dict]:
 
 
 def _record(records: list[dict], site: str, kernel: str, n: int) -> dict:
-    """The record compiled for ``n`` tokens' GPU configuration."""
+    """The record of ``n`` tokens (kernel A's depend on the launch geometry) or, failing
+    that, the one compiled for ``n`` tokens' GPU configuration."""
     from splitq_modifier.kernels import site_gemm_config, site_quant_config
 
-    conf = site_quant_config if kernel == "A" else site_gemm_config
+    for r in records:
+        if r["site"] == site and r["kernel"] == kernel and r["n_tokens"] == n:
+            return r
+    conf = site_quant_config if kernel.startswith("A") else site_gemm_config
     key = conf(n, interpret=False)
     for r in records:
         if r["site"] == site and r["kernel"] == kernel and conf(r["n_tokens"], False) == key:
@@ -319,19 +356,20 @@ class KernelTime:
     issue: float  # max(integer, all instructions at 128, FP32 at 128, XU at 16)
     memory: float
     hbm_bytes: float
+    l2: float = 0.0  # the busiest SM's L2 <-> SM bytes at SM_BYTES_PER_CLK
 
     @property
     def time(self) -> float:
-        return max(self.tensor, self.issue, self.memory)
+        return max(self.tensor, self.issue, self.memory, self.l2)
 
     @property
     def serial(self) -> float:
         """Tensor and ALU work not overlapped (today's loops wait for their MMAs)."""
-        return max(self.tensor + self.issue, self.memory)
+        return max(self.tensor + self.issue, self.memory, self.l2)
 
     @property
     def binding(self) -> str:
-        t = {"tensor": self.tensor, "ALU": self.issue, "memory": self.memory}
+        t = {"tensor": self.tensor, "ALU": self.issue, "memory": self.memory, "L2": self.l2}
         if self.issue == self.integer and self.issue >= max(self.tensor, self.memory):
             return "integer"
         return max(t, key=t.get)
@@ -349,15 +387,18 @@ def program_clocks(rec: dict) -> dict:
     return {"tensor": tensor, "int": integer, "alu": max(integer, issue, fp32, xu)}
 
 
-def kernel_time(name: str, rec: dict, grid: int, hbm_bytes: float, gpu: dict) -> KernelTime:
+def kernel_time(name: str, rec: dict, grid: int, hbm_bytes: float, gpu: dict,
+                l2_per_program: float = 0.0) -> KernelTime:  # fmt: skip
     """A launch of ``grid`` programs: the busiest SM runs ``ceil(grid / 132)`` of them one
-    after another (units shared); memory at ``min(HBM, SMs in use x 64 B/clk)``."""
+    after another (units shared); memory at ``min(HBM, SMs in use x 64 B/clk)``; the busiest
+    SM's L2 traffic (``l2_per_program`` per program) at 64 B/clk."""
     clk = program_clocks(rec)
     per_sm = math.ceil(grid / SMS)
     bw = min(gpu["hbm"], min(grid, SMS) * SM_BYTES_PER_CLK * CLOCK_HZ)
+    l2 = per_sm * l2_per_program / (SM_BYTES_PER_CLK * CLOCK_HZ)
     return KernelTime(name, grid, per_sm * clk["tensor"] / CLOCK_HZ,
                       per_sm * clk["int"] / CLOCK_HZ, per_sm * clk["alu"] / CLOCK_HZ,
-                      hbm_bytes / bw, hbm_bytes)  # fmt: skip
+                      hbm_bytes / bw, hbm_bytes, l2)  # fmt: skip
 
 
 def gemm_stream_bytes(
@@ -377,20 +418,23 @@ def gemm_stream_bytes(
 
 
 def site_model(s: SiteSpec, n: int, records: list[dict], gpu: dict) -> list[KernelTime]:
-    """Kernel A and kernel B of site ``s`` at ``n`` tokens under the model."""
+    """Kernel A (K1, and K2 at decode: ``A2``) and kernel B of site ``s`` at ``n`` tokens
+    under the model."""
     qcfg, gcfg = _gpu_configs(n)
     cost_a, cost_b = site_costs(s, n)
     static_b = site_costs(s, 0)[1].read  # weights, scales, branch up-factors, bias
     act_b = n * (s.d + 24)  # codes, scales and code sums of the three paths
     w_hbm, a_hbm = gemm_stream_bytes(s.big_d, n, gcfg, static_b, act_b)
-    grid_a = math.ceil(n / qcfg["BLOCK_M"])
     grid_b = math.ceil(s.big_d / gcfg["BLOCK_O"]) * math.ceil(n / gcfg["BLOCK_T"])
-    a = kernel_time(f"{s.name} A", _record(records, s.name, "A", n), grid_a,
-                    cost_a.read + cost_a.write, gpu)  # fmt: skip
+    out = []
+    for c in kernel_a_launches(s, n):
+        kind = c.name.split()[-1]
+        out.append(kernel_time(c.name, _record(records, s.name, kind, n), c.grid,
+                               c.read + c.write, gpu, c.l2_per_program))  # fmt: skip
     b = kernel_time(f"{s.name} B", _record(records, s.name, "B", n), grid_b,
                     cost_b.read + cost_b.write - static_b - act_b + w_hbm + a_hbm,
                     gpu)  # fmt: skip
-    return [a, b]
+    return out + [b]
 
 
 def bf16_linear_time(s: SiteSpec, n: int, gpu: dict) -> float:
@@ -432,38 +476,42 @@ def print_model(m: ModelWidths, sites: list[SiteSpec], tokens, records: list[dic
           "per-program dynamic instruction counts (loop bodies x trips + straight-line code) "
           "at 64 integer lanes, 128 issue slots, 128 FP32 lanes and 16 XU lanes per clock per "
           f"SM; {CLOCK_HZ / 1e9:.2f} GHz; the busiest of 132 SMs runs ceil(grid / 132) "
-          f"programs; memory at min(HBM, SMs in use x {SM_BYTES_PER_CLK} B/clk), kernel A's "
-          "fp32 work buffer through HBM, kernel B in its grouped program order (a group's "
-          "weights fetched once while they fit in half the L2, the activation codes once per "
-          "group when they do not).")  # fmt: skip
+          f"programs; memory at min(HBM, SMs in use x {SM_BYTES_PER_CLK} B/clk), kernel B in "
+          "its grouped program order (a group's weights fetched once while they fit in half "
+          "the L2, the activation codes once per group when they do not); L2: the busiest "
+          f"SM's L2 <-> SM bytes at {SM_BYTES_PER_CLK} B/clk (kernel A: its scratch slot, "
+          "branch factors and code tiles re-read per block). Kernel A = K1 (A) + K2 (A2, "
+          "decode only).")  # fmt: skip
     del triton
     ratios = {}
     print("\nPer kernel, summed over the four sites (us):")
     print("| GPU | tokens | kernel | programs per site | tensor | integer | ALU issue | memory "
-          "| time | binding (per site) |")  # fmt: skip
-    print("|---|---:|---|---|---:|---:|---:|---:|---:|---|")
+          "| L2 | time | binding (per site) |")  # fmt: skip
+    print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|")
     for gname, gpu in GPUS.items():
         for n in tokens:
             ks = [k for s in sites for k in site_model(s, n, records, gpu)]
-            for kind in ("A", "B"):
+            for kind in ("A", "A2", "B"):
                 sel = [k for k in ks if k.name.endswith(" " + kind)]
+                if not sel:
+                    continue
                 f = lambda attr, sel=sel: sum(getattr(k, attr) for k in sel) * 1e6  # noqa: E731
                 print(f"| {gname} | {n} | {kind} | {'/'.join(str(k.grid) for k in sel)} "
                       f"| {f('tensor'):.1f} | {f('integer'):.1f} | {f('issue'):.1f} "
-                      f"| {f('memory'):.1f} | {f('time'):.1f} "
+                      f"| {f('memory'):.1f} | {f('l2'):.1f} | {f('time'):.1f} "
                       f"| {'/'.join(k.binding for k in sel)} |")  # fmt: skip
     print("(sites in order attn_in / attn_out / mlp_in / mlp_down)")
     if per_site:
         gname, gpu = next(iter(GPUS.items()))
         print(f"\nPer kernel and site, {gname} (us):")
-        print("| tokens | kernel | programs | tensor | integer | ALU issue | memory | HBM MB "
-              "| binding |")  # fmt: skip
-        print("|---:|---|---:|---:|---:|---:|---:|---:|---|")
+        print("| tokens | kernel | programs | tensor | integer | ALU issue | memory | L2 "
+              "| HBM MB | binding |")  # fmt: skip
+        print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---|")
         for n in tokens:
             for k in (k for s in sites for k in site_model(s, n, records, gpu)):
                 print(f"| {n} | {k.name} | {k.grid} | {k.tensor * 1e6:.1f} "
                       f"| {k.integer * 1e6:.1f} | {k.issue * 1e6:.1f} | {k.memory * 1e6:.1f} "
-                      f"| {k.hbm_bytes / 1e6:.1f} | {k.binding} |")  # fmt: skip
+                      f"| {k.l2 * 1e6:.1f} | {k.hbm_bytes / 1e6:.1f} | {k.binding} |")  # fmt: skip
     print("\nLayer (us), bf16 linears as separate GEMMs at the same tensor-core efficiency; "
           f"full layer adds RMSNorms, residuals, SiLU gate and SDPA attention ({context} "
           "cached tokens) at bf16 rates on both sides:")  # fmt: skip
@@ -592,13 +640,14 @@ def _launches_kernel(e) -> bool:
 def count_launches(device) -> None:
     """Run one tiny decoder layer's four sites through the op; count Triton launches (pre-run
     hook on the two kernels) and the torch ops inside the op calls (profiler)."""
-    from splitq_modifier.kernels import site_gemm_kernel, site_quant_kernel
+    from splitq_modifier.kernels import site_branch_kernel, site_gemm_kernel, site_quant_kernel
 
     tiny = ModelWidths("tiny", "qwen2_5_vl", 64, 160, 64, 32, 1)
     sites = layer_sites(tiny, 4, 4)
     layer = Layer(tiny, sites, device, splitq=True)
     launches = Counter()
-    for kern, label in ((site_quant_kernel, "kernel A"), (site_gemm_kernel, "kernel B")):
+    for kern, label in ((site_quant_kernel, "kernel A"), (site_branch_kernel, "kernel A2"),
+                        (site_gemm_kernel, "kernel B")):  # fmt: skip
         kern.add_pre_run_hook(lambda *a, _l=label, **k: launches.update([_l]))
         # A profiler range around each launch, so that the torch ops Triton's interpreter runs
         # to emulate the kernel are not counted as the op's own.

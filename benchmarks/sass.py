@@ -309,19 +309,16 @@ def compile_profile(fn, constexprs: dict, ptr_types: dict, ints: dict, options: 
 
 def _profile_job(args: tuple) -> Profile:
     kind, label, const, opts, ints, dump = args
-    from splitq_modifier.kernels.site_gemm import site_gemm_kernel
-    from splitq_modifier.kernels.site_quant import site_quant_kernel
+    from benchmarks.compile_check import kernel_and_ptrs
 
-    from benchmarks.compile_check import _GEMM_PTRS, _QUANT_PTRS
-
-    fn, ptrs = (site_quant_kernel, _QUANT_PTRS) if kind == "quant" else (site_gemm_kernel,
-                                                                         _GEMM_PTRS)  # fmt: skip
+    fn, ptrs = kernel_and_ptrs(kind, const)
     return compile_profile(fn, const, ptrs, ints, opts, label, dump=dump)
 
 
 def profile_specs(specs: list[tuple], jobs: int = 1, dump: str | None = None) -> list[Profile]:
     """Profiles of ``(kind, label, constexprs, options, ints)`` specs (``kind``: "quant" for
-    kernel A, "gemm" for kernel B), built in ``jobs`` processes (Triton caches the cubins)."""
+    kernel A's K1, "branch" for its K2, "gemm" for kernel B), built in ``jobs`` processes
+    (Triton caches the cubins)."""
     args = [(*s, dump) for s in specs]
     if jobs <= 1:
         return [_profile_job(a) for a in args]
@@ -436,33 +433,64 @@ def expected_gemm_loops(const: dict) -> list[tuple[str, int]]:
     return out
 
 
-def expected_quant_loops(const: dict) -> list[tuple[str, int]]:
-    """Kernel A's loops in program order (pre-order for nests), ``(name, trips)``, from its
-    stage table (``site_quant.plan_stages``): a copy stage loops over column chunks, a
-    Kronecker stage over outer-row steps and, nested, column chunks, a fused pair stage over
-    outer-row steps; then the quantize sweeps of the outlier paths, the main path's sweep
-    (codes + CWS down-projection) and the MAC sweep. Loops of one trip are straight-line."""
-    bm, bk = const["BLOCK_M"], const["BLOCK_K"]
+def _path_loops(tag: str, plan: tuple, mac: bool) -> list[tuple[str, int]]:
+    """Loops of one path of one token in K1 (``site_quant._path``): mode 3's first stage over
+    slice steps, then the passes over column chunks (absmax, codes, MAC codes) when the final
+    tile is not the whole token. Loops of one trip are straight-line."""
+    k, mode, n0, sa, nch = plan[1], plan[2], plan[3], plan[13], plan[14]
     out = []
-    for st in const["STAGES"]:
-        path, kind, _fin, _start, k, a, _ni, b, ro, cb = st[:10]
-        tag = f"path {path} stage"
-        if kind == 0:
-            loops = [(f"{tag} copy, column chunks", _cdiv(k, cb))]
-        elif st[13]:
-            loops = [(f"{tag} pair {st[6]}x{st[7]}, row steps", _cdiv(bm * a, ro))]
-        else:
-            loops = [(f"{tag} factor {st[6]}, row steps", _cdiv(bm * a, ro)),
-                     (f"{tag} factor {st[6]}, column chunks", _cdiv(b, cb))]  # fmt: skip
-        out += [lp for lp in loops if lp[1] >= 2]
-    for name, k in (("quantize vision path", const["KV"]), ("quantize text path", const["KT"])):
-        if k and _cdiv(k, bk) >= 2:
-            out.append((name, _cdiv(k, bk)))
-    if _cdiv(const["KM"], bk) >= 2:
-        out.append(("quantize main path + CWS down", _cdiv(const["KM"], bk)))
-        if const["HAS_MAC"]:
-            out.append(("MAC sweep + MAC down", _cdiv(const["KM"], bk)))
+    if not k:
+        return out
+    if mode == 3 and _cdiv(n0, sa) >= 2:
+        out.append((f"{tag}: first stage, slice steps", _cdiv(n0, sa)))
+    if nch >= 2:
+        out += [(f"{tag}: absmax pass", nch), (f"{tag}: codes pass", nch)]
+        if mac:
+            out.append((f"{tag}: MAC codes pass", nch))
     return out
+
+
+def _branch_loops(const: dict, k_steps: int) -> list[tuple[str, int]]:
+    """Loops of the branch down-projections (``site_quant._branch_pieces``): per branch, one K
+    loop (runtime bounds: always a loop) per group of up to four rank pieces."""
+    out = []
+    for name, has, pieces in (("CWS", "HAS_CWS", "PIECES1"), ("MAC", "HAS_MAC", "PIECES2")):
+        if const[has]:
+            for grp in const[pieces]:
+                ws = [w for w in grp[1::2] if w]
+                out.append((f"{name} down, {'+'.join(map(str, ws))} ranks: K steps", k_steps))
+    return out
+
+
+def expected_quant_loops(const: dict, geo: dict) -> list[tuple[str, int]]:
+    """Kernel A K1's loops in program order (pre-order for nests), ``(name, trips)``, for the
+    busiest program of the launch geometry ``geo`` (``site_quant.site_quant_grid``): the loop
+    over the blocks of its token range; the outlier paths on token tiles; the token loop with
+    the per-token paths' loops nested; the branch down-projections (``BRANCH`` 1) or the
+    zeroing loop of K2's accumulators (``BRANCH`` 2)."""
+    t = min(geo["T"], geo["per_program"])
+    out = [("blocks of the program", _cdiv(geo["per_program"], geo["T"]))]
+    for tag, pl in (("vision", const["PV"]), ("text", const["PT"])):
+        if pl[18] > 0:
+            out.append((f"{tag} path, token tiles", _cdiv(t, pl[18])))
+    out.append(("tokens of the block", t))
+    for tag, pl, mac in (("vision", const["PV"], False), ("text", const["PT"], False),
+                         ("main", const["PM"], const["HAS_MAC"])):  # fmt: skip
+        if pl[18] == 0:
+            out += _path_loops(f"{tag} path", pl, mac)
+    if const["BRANCH"] == 1:
+        out += _branch_loops(const, _cdiv(const["PM"][1], const["BK"]))
+    elif const["BRANCH"] == 2:
+        out.append(("zero K2 accumulators", t))
+    return out
+
+
+def expected_branch_loops(const: dict, geo: dict, n: int) -> list[tuple[str, int]]:
+    """Kernel A K2's loops (``site_quant.site_branch_kernel``) for its ``k_split`` channels,
+    then the epilogue's loop over the real rows of a 16-token tile (the last program's),
+    ``EPI_ROWS`` at a time."""
+    steps = _cdiv(min(n, 16), const["EPI_ROWS"])
+    return _branch_loops(const, _cdiv(geo["k_split"], const["BK"])) + [("epilogue rows", steps)]
 
 
 def assign_trips(prof: Profile, expected: list[tuple[str, int]]) -> list[str]:
@@ -523,10 +551,11 @@ def layer_specs(model: str, bits: str, tokens: list[int], sites=None,
                 kernels: str = "AB") -> list[tuple]:  # fmt: skip
     """``(site, kernel, n_tokens, spec)`` for both kernels at every site of ``model``'s layer
     and every distinct GPU configuration among ``tokens`` (recipe defaults: outlier paths and
-    branches at ``max(b, 4)`` bits)."""
+    branches at ``max(b, 4)`` bits). Kernel ``"A"`` is kernel A's K1, ``"A2"`` its K2 (the
+    decode configuration's split-K branch launch), ``"B"`` kernel B."""
     from splitq_modifier.kernels import site_gemm_config, site_quant_config
 
-    from benchmarks.compile_check import gemm_spec, quant_spec, real_site
+    from benchmarks.compile_check import branch_spec, gemm_spec, quant_spec, real_site
     from splitq_modifier.widths import REAL_MODELS, site_widths
 
     wb, ab = int(bits[1]), int(bits[3])
@@ -538,12 +567,16 @@ def layer_specs(model: str, bits: str, tokens: list[int], sites=None,
         site = real_site(model, name)
         seen_a, seen_b = {}, {}
         for n in tokens:
-            ka = tuple(sorted(site_quant_config(n, interpret=False).items()))
+            cfg = site_quant_config(n, interpret=False)
+            ka = tuple(sorted(cfg.items()))
             kb = tuple(sorted(site_gemm_config(n, interpret=False).items()))
             if ka not in seen_a and "A" in kernels:
                 seen_a[ka] = n
                 spec = quant_spec(f"{model}:{name}", site, n, (fa, fa, ab), (fw, fa, fw, fa))
                 out.append((name, "A", n, spec))
+                if cfg["BRANCH"] == 2:
+                    spec = branch_spec(f"{model}:{name}", site, n, (fw, fa, fw, fa))
+                    out.append((name, "A2", n, spec))
             if kb not in seen_b and "B" in kernels:
                 seen_b[kb] = n
                 spec = gemm_spec(f"{model}:{name}", site, n, (fw, fw, wb), (fw, fa, fw, fa))
@@ -551,47 +584,76 @@ def layer_specs(model: str, bits: str, tokens: list[int], sites=None,
     return out
 
 
+def quant_geometry(site: dict, n: int) -> tuple[dict, dict]:
+    """``(config, launch geometry)`` of kernel A at a real site for ``n`` tokens on 132 SMs
+    (``site_quant.site_quant_config`` / ``site_quant_grid``)."""
+    from splitq_modifier.kernels.site_quant import site_quant_config, site_quant_grid
+
+    cfg = site_quant_config(n, interpret=False)
+    return cfg, site_quant_grid(n, cfg, site["sizes"][2], 132)
+
+
 def layer_profiles(model: str, bits: str, tokens: list[int], jobs: int = 2,
                    dump: str | None = None, sites=None,
                    kernels: str = "AB") -> list[dict]:  # fmt: skip
-    """Compile and profile every kernel configuration of :func:`layer_specs`; one JSON-able
-    record per configuration (per-program dynamic counts, loop table, kernel B's main loop)."""
+    """Compile and profile every kernel configuration of :func:`layer_specs`. Records
+    (JSON-able: per-program dynamic counts, loop table, kernel B's main loop): kernel B one per
+    configuration; kernel A one per token count (its loops' trips follow the launch geometry:
+    tokens per block, blocks per program, K2's channels per program), with ``grid``."""
     import triton
+    from splitq_modifier.kernels.site_quant import site_quant_config
+
+    from benchmarks.compile_check import real_site
 
     entries = layer_specs(model, bits, tokens, sites, kernels)
     profs = profile_specs([(s[1], s[0], s[2], s[3], s[4]) for _, _, _, s in entries], jobs,
                           dump)  # fmt: skip
     records = []
-    for (site, kern, n, spec), prof in zip(entries, profs):
+    for (site, kern, n0, spec), prof in zip(entries, profs):
         const = spec[2]
-        expected = expected_gemm_loops(const) if kern == "B" else expected_quant_loops(const)
-        warn = assign_trips(prof, expected)
-        threads = prof.num_warps * 32
-        loops = []
-        for lp in prof.loops:
-            row = loop_summary(lp, threads)
-            row.update(name=lp.name, trips=lp.trips, func=lp.func,
-                       span=f"{lp.start:#x}-{lp.end:#x}")  # fmt: skip
-            loops.append(row)
-        rec = {"site": site, "kernel": kern, "n_tokens": n, "label": prof.label,
-               "num_warps": prof.num_warps, "regs": prof.regs, "shared": prof.shared,
-               "triton": triton.__version__, "loops": loops, "warnings": warn,
-               "lanes": {"issue": ISSUE_LANES, "int": INT_LANES, "fp32": FP32_LANES,
-                         "xu": XU_LANES},
-               **per_program(prof)}  # fmt: skip
         if kern == "B":
-            main = [lp for lp in prof.loops if lp.name == "K loop, main path"]
-            codes = const["BLOCK_O"] * const["BLOCK_K"]
-            if main and main[0].counts()["mma"]:
-                rec["main_loop"] = loop_summary(main[0], threads, codes)
-            else:  # unrolled by the compiler (Triton 3.6 does at some tiles)
-                steps = sum(_cdiv(const[k], const["BLOCK_K"]) for k in ("KV", "KT", "KM"))
-                rec["main_loop"] = unrolled_summary(prof, steps, threads, codes)
-            rec["main_loop"]["bits"] = const["BITS_M"]
-            rec["tile"] = [const["BLOCK_O"], const["BLOCK_T"], const["BLOCK_K"]]
+            runs = [(n0, expected_gemm_loops(const), None)]
         else:
-            rec["tile"] = [const["BLOCK_M"], const["BLOCK_K"]]
-        records.append(rec)
+            key = site_quant_config(n0, interpret=False)
+            runs = []
+            for n in tokens:
+                cfg, geo = quant_geometry(real_site(model, site), n)
+                if cfg != key:
+                    continue
+                if kern == "A":
+                    runs.append((n, expected_quant_loops(const, geo), geo["G"]))
+                else:
+                    runs.append((n, expected_branch_loops(const, geo, n),
+                                 geo["S"] * geo["tiles"]))  # fmt: skip
+        for n, expected, grid in runs:
+            warn = assign_trips(prof, expected)
+            threads = prof.num_warps * 32
+            loops = []
+            for lp in prof.loops:
+                row = loop_summary(lp, threads)
+                row.update(name=lp.name, trips=lp.trips, func=lp.func,
+                           span=f"{lp.start:#x}-{lp.end:#x}")  # fmt: skip
+                loops.append(row)
+            rec = {"site": site, "kernel": kern, "n_tokens": n, "label": prof.label,
+                   "num_warps": prof.num_warps, "regs": prof.regs, "shared": prof.shared,
+                   "triton": triton.__version__, "loops": loops, "warnings": warn,
+                   "lanes": {"issue": ISSUE_LANES, "int": INT_LANES, "fp32": FP32_LANES,
+                             "xu": XU_LANES},
+                   **per_program(prof)}  # fmt: skip
+            if kern == "B":
+                main = [lp for lp in prof.loops if lp.name == "K loop, main path"]
+                codes = const["BLOCK_O"] * const["BLOCK_K"]
+                if main and main[0].counts()["mma"]:
+                    rec["main_loop"] = loop_summary(main[0], threads, codes)
+                else:  # unrolled by the compiler (Triton 3.6 does at some tiles)
+                    steps = sum(_cdiv(const[k], const["BLOCK_K"]) for k in ("KV", "KT", "KM"))
+                    rec["main_loop"] = unrolled_summary(prof, steps, threads, codes)
+                rec["main_loop"]["bits"] = const["BITS_M"]
+                rec["tile"] = [const["BLOCK_O"], const["BLOCK_T"], const["BLOCK_K"]]
+            else:
+                rec["grid"] = grid
+                rec["tile"] = [const["BK"]]
+            records.append(rec)
     return records
 
 

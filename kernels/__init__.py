@@ -4,9 +4,10 @@
 launches:
 
 * kernel A, :func:`site_quantize_triton` (``site_quant.py``): gather + smoothing + the
-  Kronecker factors of every path (fp32 ``tl.dot``), per-token absmax and quantization of the
-  three paths, the CWS and MAC down-projections and the per-linear-segment quantization of
-  their hidden states;
+  Kronecker factors of every path (fp16 operands on the main path at <= 4 bits, fp32
+  elsewhere), per-token absmax and quantization of the three paths with exact code sums, the
+  CWS and MAC down-projections and the per-linear-segment quantization of their hidden states
+  (one launch at prefill; at decode a second, split-K launch for the down-projections);
 * kernel B, :func:`site_gemm_triton` (``site_gemm.py``): one GEMM over the concatenated
   dense-packed 2/3/4/8-bit weights of the ``M`` linears (int8 ``tl.dot``, one int32
   accumulator per path), with per-token x per-channel scales, the CWS and text-masked MAC
@@ -27,7 +28,8 @@ import torch
 from .site_gemm import site_gemm_config, site_gemm_kernel, site_gemm_triton
 from .site_quant import (
     TRANSFORM_PRECISION,
-    plan_stages,
+    plan_paths,
+    site_branch_kernel,
     site_quant_config,
     site_quant_kernel,
     site_quantize_triton,
@@ -38,7 +40,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TRANSFORM_PRECISION",
-    "plan_stages",
+    "plan_paths",
+    "site_branch_kernel",
     "site_gemm_config",
     "site_gemm_kernel",
     "site_gemm_triton",

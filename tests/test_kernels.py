@@ -4,21 +4,16 @@
 functions are called directly on CPU tensors (and once through ``torch.ops.splitq.site_linear``
 with ``SPLITQ_TRITON_INTERPRET=1``). What is checked, and with which tolerance:
 
-* **kernel A, transform** (``xt``) vs ``site_transform_reference``: the two sum the fp32
-  products of the Kronecker factors in different orders, so ``|xt - ref| <= 1e-5 * max|ref|``
-  per token (fp32 rounding, a few ulps of the row's largest value);
-* **kernel A, quantization given its own** ``xt``: every code and scale (``qx``, ``sx``, ``hq``,
-  ``sh``, ``uq``, ``su``, ``gq``, ``sg``) is *equal* to ``site_quantize_reference(xt)``: from the
-  same fp32 input the kernel takes the reference's IEEE decisions;
-* **kernel A vs the full reference** (from ``x``): the fp32 transform differences move a value
-  across a rounding boundary now and then, so codes agree on >= 99.9 % of entries and every
-  mismatch is off by one (measured: see the report printed by ``test_code_agreement``);
+* **kernel A** vs the reference: ``tests/test_kernel_quant.py`` (its module doc: fp16 operands
+  on the main path at <= 4 bits, fp32 elsewhere; branch codes exact given the kernel's own main
+  codes);
 * **kernel B** vs ``site_gemm_reference`` on the same codes: fp32 output within ``1e-6``
   relative (the interpreter applies the epilogue in the reference's order; a GPU may contract
   FMAs); fp16/bf16 outputs within two ulps;
 * **the whole op** vs ``site_linear_reference``: equal to ``site_gemm_reference`` of the
-  kernel's own codes as above, and within ``1e-5`` (fp32) of the reference on all but the few
-  outputs that a flipped code touches, and within ``5e-2 * max|y|`` there;
+  kernel's own codes as above, and within ``1e-5`` (fp32; ``1e-3`` on a site with an fp16
+  main path, see ``test_site_linear``) of the reference on all but the few outputs that a
+  flipped code touches (<= 5 %), and within ``5e-2 * max|y|`` there;
 * every kernel configuration compiles to a cubin for sm_90 (``triton.compile``, no GPU needed).
 """
 
@@ -83,10 +78,15 @@ def test_site_linear(ocase) -> None:
     tol = OUT_TOL[want_dtype]
     scale = own.float().abs().max().item()
     torch.testing.assert_close(y, own, rtol=tol, atol=tol * scale)
-    # ... and the full reference but where a code flipped (rare, bounded).
+    # ... and the full reference but where a code flipped (rare, bounded). On a site whose
+    # main path runs with fp16 operands (<= 4 bits, >= 2 factors), ~2^-11 of each token's
+    # absmax moves ~1 % of the MAC input codes by one step, and every such flip moves the
+    # outputs of its token by ~1e-4 of their scale: the threshold is 1e-3 there.
     ref = site_linear_reference(*args).float()
     err = (y.float() - ref).abs()
-    far = err > max(tol, 1e-5) * scale + max(tol, 1e-5) * ref.abs()
+    fast = p.a_bits[2] <= 4 and len(p.dims[2]) >= 2
+    rel = max(tol, 1e-3 if fast else 1e-5)
+    far = err > rel * scale + rel * ref.abs()
     assert far.float().mean().item() <= 0.05, far.float().mean().item()
     assert err.max().item() <= 5e-2 * scale
 
@@ -178,7 +178,7 @@ from splitq_modifier.testing.sites import random_site_params
 for n, dtype, outs, sizes, dims in (
     (1, torch.bfloat16, (3584, 512, 512), (64, 64, 3456), ((64,), (64,), (54, 64))),
     (37, torch.float16, (3584,), (416, 384, 18144), ((16, 26), (16, 24), (24, 27, 28))),
-    (300, torch.bfloat16, (2048, 2048), (160, 160, 7872), ((10, 16), (10, 16), (64, 123))),
+    (1200, torch.bfloat16, (2048, 2048), (160, 160, 7872), ((10, 16), (10, 16), (64, 123))),
 ):
     p = random_site_params(outs, sizes, dims, cws_rank=20, mac_rank=30, bias=True,
                            device="cuda")
