@@ -130,7 +130,21 @@ ABLATIONS: dict[str, dict[str, dict]] = {
     },
     "selection": {
         rule: dict(channel_selection=rule, cws_rank_ratio=0.0, mac_rank_ratio=0.0)
-        for rule in ("none", "random", "text_max", "vision_max", "multi_max", "multi_mean", "mocd")
+        for rule in (
+            "none",
+            "random",
+            "text_max",
+            "vision_max",
+            "multi_max",
+            "multi_mean",
+            "mocd",
+            "mocd_error",
+        )
+    },
+    # the paper's rule, the best of its baselines and the error-driven rule (branches off)
+    "selection_rules": {
+        rule: dict(channel_selection=rule, cws_rank_ratio=0.0, mac_rank_ratio=0.0)
+        for rule in ("mocd", "multi_max", "mocd_error")
     },
     "clusters": {
         f"K={k}": dict(num_clusters=k, cws_rank_ratio=0.0, mac_rank_ratio=0.0) for k in (1, 3, 5)
@@ -141,7 +155,11 @@ ABLATIONS: dict[str, dict[str, dict]] = {
     },
     "gates": {"learned gates": {}, "fixed SVD": dict(learn_gates=False)},
     # the two best selection rules with every other component on
-    "selection_full": {"mocd": {}, "multi_max": dict(channel_selection="multi_max")},
+    "selection_full": {
+        "mocd": {},
+        "multi_max": dict(channel_selection="multi_max"),
+        "mocd_error": dict(channel_selection="mocd_error"),
+    },
 }
 
 

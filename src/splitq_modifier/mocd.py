@@ -33,6 +33,7 @@ __all__ = [
     "jaccard",
     "percentile_ranks",
     "select_channels",
+    "text_error_greedy",
     "text_instability_score",
 ]
 
@@ -44,6 +45,7 @@ SELECTION_RULES: tuple[str, ...] = (
     "vision_max",
     "multi_max",
     "multi_mean",
+    "mocd_error",
 )
 
 # Bound on the elements of one working tensor (token chunks of the rank sort, column chunks of
@@ -329,6 +331,20 @@ def batched_kmeans_1d(values: Tensor, num_clusters: int, grid: int = 16, iters: 
     return out
 
 
+def _keep_mask(d: int, exclude: Tensor | Sequence[int] | None, dev: torch.device) -> Tensor:
+    """Bool ``[d]``: True where a channel is not in ``exclude`` (indices or a bool mask)."""
+    keep = torch.ones(d, dtype=torch.bool, device=dev)
+    if exclude is not None:
+        ex = torch.as_tensor(exclude, device=dev)
+        if ex.dtype == torch.bool:
+            if ex.shape != (d,):
+                raise ValueError(f"bool exclude mask must have shape ({d},)")
+            keep &= ~ex
+        elif ex.numel() > 0:
+            keep[ex.long()] = False
+    return keep
+
+
 def text_instability_score(
     text_rows: Tensor,
     num_clusters: int = 3,
@@ -358,15 +374,7 @@ def text_instability_score(
         raise ValueError(f"num_clusters must be >= 1, got {num_clusters}")
     n, d = text_rows.shape
     dev = text_rows.device
-    keep = torch.ones(d, dtype=torch.bool, device=dev)
-    if exclude is not None:
-        ex = torch.as_tensor(exclude, device=dev)
-        if ex.dtype == torch.bool:
-            if ex.shape != (d,):
-                raise ValueError(f"bool exclude mask must have shape ({d},)")
-            keep &= ~ex
-        elif ex.numel() > 0:
-            keep[ex.long()] = False
+    keep = _keep_mask(d, exclude, dev)
     score = torch.full((d,), float("-inf"), dtype=torch.float32, device=dev)
     kept = torch.nonzero(keep).flatten()
     if kept.numel() == 0:
@@ -385,6 +393,70 @@ def text_instability_score(
     ranks = percentile_ranks(text_rows if kept.numel() == d else text_rows[:, kept])
     score[kept] = torch.nan_to_num((batched_kmeans_1d(ranks, k) / n).float(), nan=0.0)
     return score
+
+
+def text_error_greedy(
+    text_rows: Tensor, k: int, exclude: Tensor | Sequence[int] | None = None
+) -> Tensor:
+    """Text channels chosen greedily to minimise the main path's per-token quantization error.
+
+    A per-token quantizer's step on token ``n`` is set by the largest ``|x|`` left on the
+    path, so its rounding noise relative to the token is ``~ max_j x_nj^2 / ||x_n||^2``. Over
+    the text tokens, each step removes from the candidates (channels not in ``exclude``) the
+    channel with the largest drop of ``sum_n max_j x_nj^2 / ||x_n||^2``: the tokens where it is
+    the largest, weighted by the gap to their next largest. That catches a channel that is
+    large on every token (a persistent outlier, whose rank never moves, which
+    :func:`text_instability_score` misses) and one that is huge on some tokens only (an
+    unstable relative response, MOCD's case); one that moves around below the top of every
+    token costs a per-token quantizer nothing and is not taken. Only each token's ``k + 1``
+    largest candidates matter, so a step costs ``O(n + d)`` plus the tokens it changes.
+    Ties go to the lower index; once no channel lowers the error (every token's top value is
+    tied), the rest follow by max ``|x|``.
+
+    Args:
+        text_rows: ``[n, d]`` text-token activations.
+        k: number of channels to choose (at most the number of candidates).
+        exclude: indices (or a bool mask of length ``d``) of channels not to choose (MOCD
+            passes the vision path's); they still count in ``||x_n||``.
+
+    Returns:
+        int64 ``[min(k, candidates)]`` channel indices in the order chosen (on CPU).
+    """
+    x = text_rows.detach().float().cpu()
+    n, d = x.shape
+    alive = _keep_mask(d, exclude, torch.device("cpu"))
+    k = min(int(k), int(alive.sum()))
+    chosen: list[int] = []
+    if k <= 0 or n == 0:
+        return torch.tensor(chosen, dtype=torch.long)
+    sq = x.square()
+    weight = 1.0 / sq.sum(1).clamp_min(torch.finfo(torch.float32).tiny)
+    sq[:, ~alive] = -1.0
+    top = sq.topk(min(k + 1, d), dim=1)  # k removals leave one
+    idx, val = top.indices, top.values.clamp_min(0)
+    rows = torch.arange(n)
+
+    def first_two(r: Tensor) -> tuple[Tensor, Tensor]:
+        live = alive[idx[r]].long().cumsum(1)
+        return (live < 1).sum(1), (live < 2).sum(1).clamp(max=idx.shape[1] - 1)
+
+    p1, p2 = first_two(rows)
+    for _ in range(k):
+        top1 = idx[rows, p1]
+        gain = torch.zeros(d).index_add_(0, top1, weight * (val[rows, p1] - val[rows, p2]))
+        gain = gain.masked_fill_(~alive, -1.0)
+        j = int(gain.argmax())
+        if gain[j] <= 0:  # nothing left to gain: the largest remaining by max |x|
+            rest = sq.amax(0).masked_fill_(~alive, -1.0)
+            chosen += (
+                torch.sort(rest, descending=True, stable=True).indices[: k - len(chosen)].tolist()
+            )
+            break
+        chosen.append(j)
+        alive[j] = False
+        hit = torch.nonzero((top1 == j) | (idx[rows, p2] == j)).flatten()
+        p1[hit], p2[hit] = first_two(hit)
+    return torch.tensor(chosen, dtype=torch.long)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,6 +512,9 @@ def select_channels(
     - ``"multi_max"``: by max ``|x|`` over both modalities: vision = top-``k_v``, text = the
       next ``k_t``.
     - ``"multi_mean"``: the same with mean ``|x|`` over all vision and text tokens.
+    - ``"mocd_error"``: vision as ``"mocd"``; text = :func:`text_error_greedy` over the
+      remaining channels (the channels that most lower the main path's per-token quantization
+      error on text tokens: persistent and token-varying outliers alike).
 
     Missing modality (warned), for every rule but ``"none"`` and ``"random"``: no vision tokens
     -> ``k_v = 0``; no text tokens -> ``k_t = 0``; a single-modality rule whose modality is
@@ -494,12 +569,14 @@ def select_channels(
             k_t = 0
         vision_max = stats.vision_max.detach().float().cpu()
         text_max = stats.text_max.detach().float().cpu()
-        if rule == "mocd":
+        if rule in ("mocd", "mocd_error"):
             vis = _descending(vision_max)[:k_v]
-            if k_t > 0:
-                rows = stats.text_rows if device is None else stats.text_rows.to(device)
+            rows = stats.text_rows if device is None else stats.text_rows.to(device)
+            if k_t > 0 and rule == "mocd":
                 score = text_instability_score(rows, num_clusters, exclude=vis)
                 txt = _descending(score.cpu())[:k_t]
+            elif k_t > 0:
+                txt = text_error_greedy(rows, k_t, exclude=vis)
         elif rule == "text_max":
             if has_t:
                 txt, vis = _top_two(text_max, k_t, k_v)
