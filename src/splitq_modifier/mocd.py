@@ -1,19 +1,8 @@
-"""MOCD: modality-specific outlier channel decoupling (paper section 4.2).
+"""MOCD: modality-specific outlier channel decoupling (paper section 4.2), and its ablations.
 
-Plain torch (and NumPy) functions plus a small reducible statistics accumulator; nothing here
-imports llm-compressor. For one activation site of width ``d``:
-
-1. :class:`ChannelStats` accumulates, over calibration batches, per-channel max and sum of
-   ``|x|`` per modality, token counts, and a bounded, deterministic sample of text-token rows;
-   it is reducible across data-parallel ranks (:meth:`ChannelStats.all_reduce`).
-2. :func:`select_channels` turns them into three disjoint, sorted index sets
-   ``(vision_idx, text_idx, main_idx)`` under one of :data:`SELECTION_RULES`.
-
-MOCD (rule ``"mocd"``): vision path = top-``k_v`` channels by max ``|x|`` over vision tokens;
-text path = among the others, top-``k_t`` by :func:`text_instability_score` (per text token the
-percentile rank of each channel's ``|x|``; per channel a 1-D k-means with ``K`` clusters over its
-rank sequence; score = inertia / tokens); main path = the rest. The choices made, the k-means
-and its measured accuracy and speed are described in ``docs/design.md`` (section MOCD).
+Per activation site, :class:`ChannelStats` accumulates reducible per-modality statistics over the
+calibration batches and :func:`select_channels` splits the channels into vision, text and main
+paths. Torch and NumPy only; the choices and measurements are in ``docs/design.md`` (MOCD).
 """
 
 from __future__ import annotations
@@ -37,19 +26,12 @@ __all__ = [
     "text_instability_score",
 ]
 
-SELECTION_RULES: tuple[str, ...] = (
-    "mocd",
-    "none",
-    "random",
-    "text_max",
-    "vision_max",
-    "multi_max",
-    "multi_mean",
-    "mocd_error",
+#: ``channel_selection`` values: the paper's MOCD, its ablation baselines, and ``mocd_error``
+SELECTION_RULES: tuple[str, ...] = tuple(
+    "mocd none random text_max vision_max multi_max multi_mean mocd_error".split()
 )
 
-# Bound on the elements of one working tensor (token chunks of the rank sort, column chunks of
-# the k-means): 2**24 elements is 128 MiB in 8-byte types.
+# elements of one working tensor (token chunks of the rank sort; the k-means takes 1/16 of it)
 _CHUNK_ELEMS = 1 << 24
 
 
@@ -63,12 +45,9 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 
 def _sample_keys(seed: int, stream: int, start: int, count: int) -> Tensor:
-    """Non-negative int64 keys of tokens ``start .. start+count-1`` of a stream (a rank).
-
-    A key depends only on ``(seed, stream, token index)``, never on the batching, so keeping
-    the smallest keys is a uniform sample without replacement that merges exactly across
-    batches and ranks ("bottom-k" sampling).
-    """
+    """Non-negative int64 keys of tokens ``start .. start+count-1`` of a stream (a rank): they
+    depend on ``(seed, stream, index)`` only, so the smallest keys are a uniform sample that
+    merges exactly across batches and ranks ("bottom-k" sampling)."""
     idx = np.arange(start, start + count, dtype=np.uint64)
     salt = _splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))
     salt = _splitmix64(salt ^ np.uint64(stream & 0xFFFFFFFF))
@@ -82,17 +61,12 @@ def _dist_ready() -> bool:
 class ChannelStats:
     """Per-channel activation statistics of one activation site, split by modality.
 
-    Accumulated with :meth:`update`: ``vision_max`` / ``text_max`` (running max of ``|x|``,
-    float32, on the device of the first batch, zeros while a modality is unseen),
-    ``vision_abs_sum`` / ``text_abs_sum`` (sums of ``|x|``, float64) with the token counts, and
-    ``text_rows``: at most ``max_text_tokens`` text-token rows (float32, CPU) for the text
-    score. The rows kept are those with the smallest keys of :func:`_sample_keys` (seeded by
-    ``(seed, rank, index in this rank's text stream)``), ordered by key: a uniform sample that
-    is the same for any batching and merges exactly across ranks. Tokens in neither mask
-    (padding) are ignored; a token in both masks is an error.
-
-    Data parallel: :meth:`all_reduce` (maxima with MAX, sums and counts with SUM, text rows
-    gathered and cut back by key), once, after the last ``update``.
+    :meth:`update` accumulates ``vision_max`` / ``text_max`` (max ``|x|``, float32, on the
+    first batch's device), ``vision_abs_sum`` / ``text_abs_sum`` (float64) with the token
+    counts, and ``text_rows``: the ``max_text_tokens`` text rows (float32, CPU) with the
+    smallest :func:`_sample_keys` (seeded by ``seed``), ordered by key, so the same for any
+    batching. Tokens in neither mask (padding) are ignored. Data parallel: :meth:`all_reduce`
+    once, after the last ``update``.
     """
 
     def __init__(self, dim: int, max_text_tokens: int = 4096, seed: int = 0) -> None:
@@ -126,13 +100,9 @@ class ChannelStats:
 
     @torch.no_grad()
     def update(self, x: Tensor, vision_mask: Tensor, text_mask: Tensor) -> None:
-        """Add one batch: ``x`` ``[..., d]`` (any float dtype and device) and bool masks of
-        its leading shape marking vision (image/video) and text tokens.
-
-        Raises:
-            ValueError: on a shape mismatch, or a token marked as both vision and text.
-            RuntimeError: after :meth:`all_reduce` (the statistics are then global).
-        """
+        """Add a batch ``x`` ``[..., d]`` with bool masks (its leading shape) of the vision and
+        text tokens. ValueError on a shape mismatch or a token in both masks; RuntimeError
+        after :meth:`all_reduce`."""
         if self._reduced:
             raise RuntimeError("ChannelStats.update() after all_reduce(); create a new one")
         if x.shape[-1] != self.dim:
@@ -179,13 +149,9 @@ class ChannelStats:
 
     @torch.no_grad()
     def all_reduce(self) -> None:
-        """Reduce the statistics over all ranks of the default process group, in place.
-
-        A no-op when ``torch.distributed`` is not initialised or when already reduced. NCCL
-        groups reduce on the current CUDA device, others (gloo) on CPU; the tensors return to
-        their device. The text rows are gathered with ``all_gather_object`` and cut back to
-        ``max_text_tokens`` by smallest key (keys differ between ranks), the same on every rank.
-        """
+        """Reduce over the ranks of the default process group, in place (a no-op without one, or
+        once reduced): maxima with MAX, sums and counts with SUM (on the current CUDA device
+        under NCCL, else on CPU), text rows gathered and cut back by key, alike on every rank."""
         if self._reduced or not _dist_ready():
             return
         dist = torch.distributed
@@ -212,15 +178,8 @@ class ChannelStats:
         self._reduced = True
 
 
-# ---------------------------------------------------------------------------------------------
-# Text instability score
-# ---------------------------------------------------------------------------------------------
-
-
 def _sort_rows(t: Tensor) -> Tensor:
-    """``t`` ``[r, m]`` sorted ascending along dim 1 (NaN last). On CPU through NumPy, whose
-    SIMD sort is far faster than ``torch.sort`` there (measured 7-20x on this project's box);
-    elsewhere ``torch.sort``."""
+    """``t`` ``[r, m]`` sorted along dim 1 (NaN last); on CPU by NumPy (7-20x faster there)."""
     if t.device.type != "cpu":
         return torch.sort(t, dim=1).values
     a = t.detach().contiguous()
@@ -231,13 +190,9 @@ def _sort_rows(t: Tensor) -> Tensor:
 
 def percentile_ranks(rows: Tensor) -> Tensor:
     """Per-row percentile rank of ``|x|``: float32 ``rank / (d - 1)`` in [0, 1] for ``rows``
-    ``[n, d]``. Ordinal ranks: ties as a stable sort orders them (lower column lower), NaN
-    above everything; ``d == 1`` gives 0.
-
-    The order comes from one plain sort of distinct int64 keys ``(bits of |x| as float32) << s
-    | column`` (a non-negative float's bit pattern orders like its value), i.e. exactly the
-    stable order without a stable argsort.
-    """
+    ``[n, d]``; ties ordered as a stable sort orders them, NaN above everything. One plain sort
+    of distinct int64 keys ``bits(|x|) << s | column`` (a non-negative float's bits order like
+    its value) gives exactly that order without a stable argsort."""
     n, d = rows.shape
     dev = rows.device
     out = torch.empty(n, d, dtype=torch.float32, device=dev)
@@ -261,6 +216,10 @@ def _kmeans_sorted(xs: Tensor, k: int, grid: int, iters: int) -> Tensor:
     p1 = torch.empty(m, n + 1, dtype=dt, device=dev)  # p1[:, b] = sum of the b smallest points
     p1[:, 0] = 0
     torch.cumsum(xs, dim=1, out=p1[:, 1:])
+
+    def segments(pos: Tensor) -> tuple[Tensor, Tensor]:  # sums and sizes of [b_i, b_{i+1})
+        return p1.gather(1, pos[:, 1:]) - p1.gather(1, pos[:, :-1]), pos.diff(dim=1).to(dt)
+
     # candidate boundaries: every (n / grid)-th point and the edges of grid equal-width bins
     lo, hi = xs[:, :1], xs[:, -1:]
     edges = lo + (hi - lo) * torch.arange(1, grid, dtype=xs.dtype, device=dev) / grid
@@ -284,33 +243,28 @@ def _kmeans_sorted(xs: Tensor, k: int, grid: int, iters: int) -> Tensor:
     # once no boundary moves (an empty cluster keeps its centroid)
     cent = xs.gather(1, pos[:, :-1].clamp(max=n - 1))
     for _ in range(iters + 1):
-        seg = p1.gather(1, pos[:, 1:]) - p1.gather(1, pos[:, :-1])
-        num = (pos[:, 1:] - pos[:, :-1]).to(dt)
+        seg, num = segments(pos)
         cent = torch.where(num > 0, seg / num.clamp_min(1), cent)
         mids = (cent[:, 1:] + cent[:, :-1]) / 2
         new = torch.cat([pos[:, :1], torch.searchsorted(xs, mids), pos[:, -1:]], 1)
         if torch.equal(new, pos):
             break
         pos = new
-    seg = p1.gather(1, pos[:, 1:]) - p1.gather(1, pos[:, :-1])
-    num = (pos[:, 1:] - pos[:, :-1]).to(dt)
+    seg, num = segments(pos)
     tot = torch.linalg.vector_norm(xs, dim=1).square()
     return (tot - (seg * seg / num.clamp_min(1)).sum(1)).clamp_min(0)
 
 
 def batched_kmeans_1d(values: Tensor, num_clusters: int, grid: int = 16, iters: int = 30) -> Tensor:
-    """1-D k-means inertia of every column of ``values`` ``[n, c]`` at once (no loop over
-    columns): float64 ``[c]``, the sum of squared distances to the assigned centroid.
+    """1-D k-means inertia (float64 ``[c]``) of every column of ``values`` ``[n, c]`` at once.
 
-    Per column, on its sorted points with prefix sums (a clustering of sorted 1-D data is a
-    partition into contiguous segments; a segment's sum is two prefix-sum lookups): an exact
-    dynamic programme over a coarse set of candidate boundaries (every ``n / grid``-th point
-    and the edges of ``grid`` equal-width bins of the column's range) picks the start, then
-    at most ``iters`` Lloyd steps (boundaries at centroid midpoints by ``searchsorted``). The
-    result is the inertia of an actual partition, so never below the optimum; how far above
-    it was measured against an exact solver and scikit-learn (``docs/design.md``, MOCD).
-    ``K == 1`` gives ``n * variance``, ``K >= n`` gives 0. Plain torch ops (plus NumPy's sort
-    on CPU), so it runs unchanged on CUDA.
+    Per column, sorted, with prefix sums (a 1-D clustering is a partition of the sorted points
+    into segments): an exact dynamic programme over coarse candidate boundaries (every
+    ``n / grid``-th point and the edges of ``grid`` equal-width bins) gives the start, then at
+    most ``iters`` Lloyd steps (boundaries at centroid midpoints by ``searchsorted``). It is
+    the inertia of an actual partition, never below the optimum; how far above was measured
+    (``docs/design.md``). ``K == 1`` gives ``n * variance``, ``K >= n`` 0. Torch ops only
+    (NumPy's sort on CPU), so it runs as is on CUDA.
     """
     if num_clusters < 1:
         raise ValueError(f"num_clusters must be >= 1, got {num_clusters}")
@@ -352,21 +306,14 @@ def text_instability_score(
 ) -> Tensor:
     """MOCD text score: within-cluster variance of each channel's per-token percentile rank.
 
-    Per text token (row), each channel's percentile rank of ``|x|`` over the channels not in
-    ``exclude`` (:func:`percentile_ranks`); per channel, 1-D k-means with ``num_clusters``
-    clusters over its rank sequence (:func:`batched_kmeans_1d`); score = inertia / ``n``.
-    Larger = less stable relative response. A channel whose rank is spread over many levels
-    scores high; one that keeps its place (also one that is always the largest) scores near 0;
-    one switching between two tight levels scores near 0 for ``K >= 2`` and high for ``K = 1``.
+    Per text token (row of ``text_rows`` ``[n, d]``), each channel's percentile rank of ``|x|``
+    among the channels not in ``exclude`` (indices or a bool mask); per channel, 1-D k-means
+    with ``num_clusters`` clusters over its ranks; score = inertia / ``n``. High for a rank
+    spread over many levels; near 0 for one that keeps its place (also the always-largest
+    channel) and, for ``K >= 2``, for one switching between two tight levels.
 
-    Args:
-        text_rows: ``[n, d]`` text-token activations (computed on their device).
-        num_clusters: ``K`` (paper: 1, 3, 5; default 3). ``K = 1`` is the rank variance.
-        exclude: indices (or a bool mask of length ``d``) of channels left out of the ranking.
-
-    Returns:
-        float32 ``[d]``; excluded channels score ``-inf``. Never NaN: ``n <= K`` (with
-        ``K > 1``) falls back to ``K = 1`` with a warning, ``n == 0`` gives zeros (warned).
+    Returns float32 ``[d]``, ``-inf`` on excluded channels, never NaN: ``n <= K`` falls back to
+    ``K = 1`` (rank variance), ``n == 0`` gives zeros (both warned).
     """
     if text_rows.dim() != 2:
         raise ValueError(f"text_rows must be [n, d], got shape {tuple(text_rows.shape)}")
@@ -381,14 +328,11 @@ def text_instability_score(
         return score
     if n == 0:
         logger.warning("text_instability_score: no text tokens; all scores are 0")
-        score[kept] = 0.0
-        return score
+        return score.index_fill_(0, kept, 0.0)
     k = num_clusters
     if k > 1 and n <= k:
-        logger.warning(
-            f"text_instability_score: {n} text token(s) <= num_clusters={k}; "
-            "falling back to K=1 (rank variance)"
-        )
+        logger.warning(f"text_instability_score: {n} text token(s) <= num_clusters={k}; "
+                       "falling back to K=1 (rank variance)")  # fmt: skip
         k = 1
     ranks = percentile_ranks(text_rows if kept.numel() == d else text_rows[:, kept])
     score[kept] = torch.nan_to_num((batched_kmeans_1d(ranks, k) / n).float(), nan=0.0)
@@ -398,29 +342,16 @@ def text_instability_score(
 def text_error_greedy(
     text_rows: Tensor, k: int, exclude: Tensor | Sequence[int] | None = None
 ) -> Tensor:
-    """Text channels chosen greedily to minimise the main path's per-token quantization error.
+    """``k`` text channels chosen greedily to minimise the main path's per-token quantization
+    error; int64 ``[min(k, candidates)]`` (CPU) in the order chosen.
 
-    A per-token quantizer's step on token ``n`` is set by the largest ``|x|`` left on the
-    path, so its rounding noise relative to the token is ``~ max_j x_nj^2 / ||x_n||^2``. Over
-    the text tokens, each step removes from the candidates (channels not in ``exclude``) the
-    channel with the largest drop of ``sum_n max_j x_nj^2 / ||x_n||^2``: the tokens where it is
-    the largest, weighted by the gap to their next largest. That catches a channel that is
-    large on every token (a persistent outlier, whose rank never moves, which
-    :func:`text_instability_score` misses) and one that is huge on some tokens only (an
-    unstable relative response, MOCD's case); one that moves around below the top of every
-    token costs a per-token quantizer nothing and is not taken. Only each token's ``k + 1``
-    largest candidates matter, so a step costs ``O(n + d)`` plus the tokens it changes.
-    Ties go to the lower index; once no channel lowers the error (every token's top value is
-    tied), the rest follow by max ``|x|``.
-
-    Args:
-        text_rows: ``[n, d]`` text-token activations.
-        k: number of channels to choose (at most the number of candidates).
-        exclude: indices (or a bool mask of length ``d``) of channels not to choose (MOCD
-            passes the vision path's); they still count in ``||x_n||``.
-
-    Returns:
-        int64 ``[min(k, candidates)]`` channel indices in the order chosen (on CPU).
+    A per-token quantizer's noise relative to token ``n`` goes with ``max_j x_nj^2 / ||x_n||^2``
+    over the channels left on the path. Each step takes, among the channels not in
+    ``exclude`` (indices or a bool mask), the one that most lowers its sum over the text tokens
+    (``text_rows`` ``[n, d]``): a channel large on every token (a persistent outlier, whose
+    stable rank :func:`text_instability_score` misses) as well as one huge on some tokens only
+    (MOCD's unstable relative response). Only each token's ``k + 1`` largest candidates matter.
+    Ties go to the lower index; once nothing lowers the error, the rest go by max ``|x|``.
     """
     x = text_rows.detach().float().cpu()
     n, d = x.shape
@@ -447,21 +378,14 @@ def text_error_greedy(
         gain = gain.masked_fill_(~alive, -1.0)
         j = int(gain.argmax())
         if gain[j] <= 0:  # nothing left to gain: the largest remaining by max |x|
-            rest = sq.amax(0).masked_fill_(~alive, -1.0)
-            chosen += (
-                torch.sort(rest, descending=True, stable=True).indices[: k - len(chosen)].tolist()
-            )
+            rest = _descending(sq.amax(0).masked_fill_(~alive, -1.0))
+            chosen += rest[: k - len(chosen)].tolist()
             break
         chosen.append(j)
         alive[j] = False
         hit = torch.nonzero((top1 == j) | (idx[rows, p2] == j)).flatten()
         p1[hit], p2[hit] = first_two(hit)
     return torch.tensor(chosen, dtype=torch.long)
-
-
-# ---------------------------------------------------------------------------------------------
-# Selection
-# ---------------------------------------------------------------------------------------------
 
 
 def _check_ratio(name: str, value: float) -> float:
@@ -480,11 +404,6 @@ def _descending(score: Tensor) -> Tensor:
     return torch.sort(s, descending=True, stable=True).indices
 
 
-def _top_two(score: Tensor, k_first: int, k_second: int) -> tuple[Tensor, Tensor]:
-    order = _descending(score)
-    return order[:k_first], order[k_first : k_first + k_second]
-
-
 def select_channels(
     stats: ChannelStats,
     rule: str,
@@ -496,48 +415,24 @@ def select_channels(
     device: torch.device | str | None = None,
     counts: tuple[int, int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Split the ``d`` channels of one site into vision, text and main paths.
+    """Split the ``d`` channels of one site into ``(vision_idx, text_idx, main_idx)``: int64
+    CPU tensors, each sorted, disjoint, together ``range(d)``.
 
-    ``k_v = ceil(vision_ratio * d)``, ``k_t = ceil(text_ratio * d)`` (or ``counts``).
+    ``k_v = ceil(vision_ratio * d)`` and ``k_t = ceil(text_ratio * d)`` channels (ratios in
+    [0, 0.5]), or ``counts = (k_v, k_t)`` (the aligned counts of ``layout.plan_site``). Rules:
 
-    Rules (``"mocd"`` is the method; the others are the paper's ablation baselines, which still
-    fill both outlier paths, so the split keeps its shape):
+    - ``"mocd"``: vision = top-``k_v`` by vision max ``|x|``; text = top-``k_t`` among the rest
+      by :func:`text_instability_score` (``num_clusters`` = K), computed on ``device``.
+    - ``"mocd_error"``: vision as ``"mocd"``; text = :func:`text_error_greedy` among the rest.
+    - The paper's ablation baselines, which still fill both paths: ``"none"`` (both empty),
+      ``"random"`` (seeded with ``seed``), ``"text_max"`` (text = top-``k_t`` by text max
+      ``|x|``, vision = the next ``k_v``), ``"vision_max"`` (vision = top-``k_v`` by vision
+      max, text = the next ``k_t``), ``"multi_max"`` / ``"multi_mean"`` (the same by max / mean
+      ``|x|`` over both modalities).
 
-    - ``"mocd"``: vision = top-``k_v`` by vision max ``|x|``; text = top-``k_t`` by
-      :func:`text_instability_score` over the remaining channels.
-    - ``"none"``: both outlier paths empty.
-    - ``"random"``: random disjoint channels, ``torch.Generator`` seeded with ``seed``.
-    - ``"text_max"``: text = top-``k_t`` by text max ``|x|``, vision = the next ``k_v``.
-    - ``"vision_max"``: vision = top-``k_v`` by vision max ``|x|``, text = the next ``k_t``.
-    - ``"multi_max"``: by max ``|x|`` over both modalities: vision = top-``k_v``, text = the
-      next ``k_t``.
-    - ``"multi_mean"``: the same with mean ``|x|`` over all vision and text tokens.
-    - ``"mocd_error"``: vision as ``"mocd"``; text = :func:`text_error_greedy` over the
-      remaining channels (the channels that most lower the main path's per-token quantization
-      error on text tokens: persistent and token-varying outliers alike).
-
-    Missing modality (warned), for every rule but ``"none"`` and ``"random"``: no vision tokens
-    -> ``k_v = 0``; no text tokens -> ``k_t = 0``; a single-modality rule whose modality is
-    missing selects nothing.
-
-    Args:
-        stats: accumulated (and, under data parallelism, all-reduced) statistics.
-        rule: one of :data:`SELECTION_RULES`.
-        vision_ratio: fraction of channels for the vision path, in [0, 0.5].
-        text_ratio: fraction of channels for the text path, in [0, 0.5].
-        num_clusters: ``K`` of the MOCD text score.
-        seed: seed of the ``"random"`` rule.
-        device: where to compute the text score (default: CPU, where the rows live).
-        counts: ``(k_v, k_t)`` instead of the ratios' ``ceil(ratio * d)`` (the aligned counts
-            of :func:`splitq_modifier.layout.plan_site`).
-
-    Returns:
-        ``(vision_idx, text_idx, main_idx)``: int64 CPU tensors, each sorted ascending,
-        pairwise disjoint, union ``range(d)``.
-
-    Raises:
-        ValueError: unknown ``rule``; a ratio outside [0, 0.5]; ``k_v + k_t > d``;
-            ``num_clusters < 1``.
+    A modality with no tokens seen gets an empty path (a rule reading only that modality
+    selects nothing), with a warning. Raises ValueError on an unknown rule, a ratio outside
+    [0, 0.5], ``k_v + k_t > d`` or ``num_clusters < 1``.
     """
     if rule not in SELECTION_RULES:
         raise ValueError(
@@ -567,38 +462,31 @@ def select_channels(
         if not has_t and k_t > 0:
             logger.warning(f"select_channels({rule!r}): no text tokens seen; text path empty")
             k_t = 0
-        vision_max = stats.vision_max.detach().float().cpu()
-        text_max = stats.text_max.detach().float().cpu()
         if rule in ("mocd", "mocd_error"):
-            vis = _descending(vision_max)[:k_v]
+            vis = _descending(stats.vision_max.detach().cpu())[:k_v]
             rows = stats.text_rows if device is None else stats.text_rows.to(device)
             if k_t > 0 and rule == "mocd":
                 score = text_instability_score(rows, num_clusters, exclude=vis)
                 txt = _descending(score.cpu())[:k_t]
             elif k_t > 0:
                 txt = text_error_greedy(rows, k_t, exclude=vis)
-        elif rule == "text_max":
-            if has_t:
-                txt, vis = _top_two(text_max, k_t, k_v)
+        else:  # one statistic orders the channels: the first path takes the top, then the other
+            score, seen, text_first = {
+                "text_max": (stats.text_max, has_t, True),
+                "vision_max": (stats.vision_max, has_v, False),
+                "multi_max": (stats.multi_max, True, False),
+                "multi_mean": (stats.multi_mean, True, False),
+            }[rule]
+            if not seen:
+                logger.warning(f"select_channels({rule!r}): no statistic; nothing selected")
             else:
-                logger.warning("select_channels('text_max'): no text statistic; nothing selected")
-        elif rule == "vision_max":
-            if has_v:
-                vis, txt = _top_two(vision_max, k_v, k_t)
-            else:
-                logger.warning(
-                    "select_channels('vision_max'): no vision statistic; nothing selected"
-                )
-        elif rule == "multi_max":
-            vis, txt = _top_two(stats.multi_max.detach().float().cpu(), k_v, k_t)
-        elif rule == "multi_mean":
-            vis, txt = _top_two(stats.multi_mean.detach().float().cpu(), k_v, k_t)
+                order = _descending(score.detach().cpu())
+                a = k_t if text_first else k_v
+                first, second = order[:a], order[a : k_v + k_t]
+                vis, txt = (second, first) if text_first else (first, second)
 
-    vis = torch.sort(vis.long().cpu()).values
-    txt = torch.sort(txt.long().cpu()).values
-    used = torch.zeros(d, dtype=torch.bool)
-    used[vis] = True
-    used[txt] = True
+    vis, txt = torch.sort(vis.long().cpu()).values, torch.sort(txt.long().cpu()).values
+    used = torch.zeros(d, dtype=torch.bool).index_fill_(0, torch.cat([vis, txt]), True)
     return vis, txt, torch.nonzero(~used).flatten()
 
 
