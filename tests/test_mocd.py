@@ -262,7 +262,6 @@ def test_mocd_error_is_error_driven_not_max_driven():
 def _naive_greedy(x: torch.Tensor, k: int, exclude: list[int]) -> list[int]:
     """The objective recomputed from scratch for every candidate at every step."""
     sq = x.double().square()
-    w = 1 / sq.sum(1)
     alive = torch.ones(x.shape[1], dtype=torch.bool)
     alive[exclude] = False
     chosen = []
@@ -271,7 +270,7 @@ def _naive_greedy(x: torch.Tensor, k: int, exclude: list[int]) -> list[int]:
         for j in torch.nonzero(alive).flatten().tolist():
             keep = alive.clone()
             keep[j] = False
-            obj = float((w * sq[:, keep].amax(1)).sum())
+            obj = float(sq[:, keep].amax(1).sum())
             if best is None or obj < best - 1e-12:
                 best, best_j = obj, j
         chosen.append(best_j)

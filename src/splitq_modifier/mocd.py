@@ -345,13 +345,14 @@ def text_error_greedy(
     """``k`` text channels chosen greedily to minimise the main path's per-token quantization
     error; int64 ``[min(k, candidates)]`` (CPU) in the order chosen.
 
-    A per-token quantizer's noise relative to token ``n`` goes with ``max_j x_nj^2 / ||x_n||^2``
-    over the channels left on the path. Each step takes, among the channels not in
-    ``exclude`` (indices or a bool mask), the one that most lowers its sum over the text tokens
-    (``text_rows`` ``[n, d]``): a channel large on every token (a persistent outlier, whose
-    stable rank :func:`text_instability_score` misses) as well as one huge on some tokens only
-    (MOCD's unstable relative response). Only each token's ``k + 1`` largest candidates matter.
-    Ties go to the lower index; once nothing lowers the error, the rest go by max ``|x|``.
+    A per-token quantizer's step on token ``n`` is its largest ``|x|`` left on the path, so the
+    path's rounding-noise energy goes with ``sum_n max_j x_nj^2`` (what a layer-output MSE
+    sees). Each step takes, among the channels not in ``exclude`` (indices or a bool mask), the
+    one that most lowers that sum over the text tokens (``text_rows`` ``[n, d]``): a channel
+    large on every token (a persistent outlier, whose stable rank
+    :func:`text_instability_score` misses) as well as one huge on some tokens only (MOCD's
+    unstable relative response). Only each token's ``k + 1`` largest candidates matter. Ties
+    go to the lower index; once nothing lowers the error, the rest go by max ``|x|``.
     """
     x = text_rows.detach().float().cpu()
     n, d = x.shape
@@ -361,7 +362,6 @@ def text_error_greedy(
     if k <= 0 or n == 0:
         return torch.tensor(chosen, dtype=torch.long)
     sq = x.square()
-    weight = 1.0 / sq.sum(1).clamp_min(torch.finfo(torch.float32).tiny)
     sq[:, ~alive] = -1.0
     top = sq.topk(min(k + 1, d), dim=1)  # k removals leave one
     idx, val = top.indices, top.values.clamp_min(0)
@@ -374,7 +374,7 @@ def text_error_greedy(
     p1, p2 = first_two(rows)
     for _ in range(k):
         top1 = idx[rows, p1]
-        gain = torch.zeros(d).index_add_(0, top1, weight * (val[rows, p1] - val[rows, p2]))
+        gain = torch.zeros(d).index_add_(0, top1, val[rows, p1] - val[rows, p2])
         gain = gain.masked_fill_(~alive, -1.0)
         j = int(gain.argmax())
         if gain[j] <= 0:  # nothing left to gain: the largest remaining by max |x|
