@@ -7,8 +7,9 @@ paths. Torch and NumPy only; the choices and measurements are in ``docs/design.m
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -208,6 +209,22 @@ def percentile_ranks(rows: Tensor) -> Tensor:
     return out
 
 
+@contextlib.contextmanager
+def _serial(dev: torch.device) -> Iterator[None]:
+    """One intra-op thread (on CPU) for loops of small ops: with more, every op opens a parallel
+    region whose spin-waits cost far more than the op on a busy machine (measured: the k-means
+    at d = 18944 took 24 s at 2 threads instead of 1.5 s, mostly in ``searchsorted``)."""
+    threads = torch.get_num_threads()
+    if dev.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _kmeans_sorted(xs: Tensor, k: int, grid: int, iters: int) -> Tensor:
     """Inertia ``[m]`` of a K-means of each row of ``xs`` ``[m, n]`` (float64, sorted per row,
     shifted to its median; ``2 <= k < n``). See :func:`batched_kmeans_1d`."""
@@ -281,7 +298,8 @@ def batched_kmeans_1d(values: Tensor, num_clusters: int, grid: int = 16, iters: 
         if k == 1:
             out[s : s + step] = xs.var(dim=1, unbiased=False) * n
         else:
-            out[s : s + step] = _kmeans_sorted(xs, k, grid, iters)
+            with _serial(xs.device):
+                out[s : s + step] = _kmeans_sorted(xs, k, grid, iters)
     return out
 
 
@@ -372,19 +390,20 @@ def text_error_greedy(
         return (live < 1).sum(1), (live < 2).sum(1).clamp(max=idx.shape[1] - 1)
 
     p1, p2 = first_two(rows)
-    for _ in range(k):
-        top1 = idx[rows, p1]
-        gain = torch.zeros(d).index_add_(0, top1, val[rows, p1] - val[rows, p2])
-        gain = gain.masked_fill_(~alive, -1.0)
-        j = int(gain.argmax())
-        if gain[j] <= 0:  # nothing left to gain: the largest remaining by max |x|
-            rest = _descending(sq.amax(0).masked_fill_(~alive, -1.0))
-            chosen += rest[: k - len(chosen)].tolist()
-            break
-        chosen.append(j)
-        alive[j] = False
-        hit = torch.nonzero((top1 == j) | (idx[rows, p2] == j)).flatten()
-        p1[hit], p2[hit] = first_two(hit)
+    with _serial(x.device):  # many small ops per step
+        for _ in range(k):
+            top1 = idx[rows, p1]
+            gain = torch.zeros(d).index_add_(0, top1, val[rows, p1] - val[rows, p2])
+            gain = gain.masked_fill_(~alive, -1.0)
+            j = int(gain.argmax())
+            if gain[j] <= 0:  # nothing left to gain: the largest remaining by max |x|
+                rest = _descending(sq.amax(0).masked_fill_(~alive, -1.0))
+                chosen += rest[: k - len(chosen)].tolist()
+                break
+            chosen.append(j)
+            alive[j] = False
+            hit = torch.nonzero((top1 == j) | (idx[rows, p2] == j)).flatten()
+            p1[hit], p2[hit] = first_two(hit)
     return torch.tensor(chosen, dtype=torch.long)
 
 
