@@ -11,7 +11,9 @@ Models: ``planted`` (tiny random-weight Qwen2.5-VL with planted modality outlier
 ``planted-llava``, ``trained`` (benchmarks/train_tiny_vlm.py: a tiny LLaVA trained on a
 synthetic visual question task, with baked-in outliers; ``trained-mm``: the same with both
 modalities' outliers kept through training, ``--preset mm``; ``trained-mm-wide``: text hidden
-256, ``--preset mm-wide``), or a hub id / local path of a real
+256, ``--preset mm-wide``; ``trained-transient``: text hidden 256, 2 vision outlier channels, 8
+text outlier channels that come and go between tokens, ``--preset transient``), or a hub id /
+local path of a real
 VLM: ``--model <FP hub id or path> --quantized <saved SplitQ dir> --dataset <hub id or
 folder>`` runs :mod:`splitq_modifier.evaluate` (needs weights and normally a GPU).
 
@@ -128,7 +130,21 @@ ABLATIONS: dict[str, dict[str, dict]] = {
     },
     "selection": {
         rule: dict(channel_selection=rule, cws_rank_ratio=0.0, mac_rank_ratio=0.0)
-        for rule in ("none", "random", "text_max", "vision_max", "multi_max", "multi_mean", "mocd")
+        for rule in (
+            "none",
+            "random",
+            "text_max",
+            "vision_max",
+            "multi_max",
+            "multi_mean",
+            "mocd",
+            "mocd_error",
+        )
+    },
+    # the paper's rule, the best of its baselines and the error-driven rule (branches off)
+    "selection_rules": {
+        rule: dict(channel_selection=rule, cws_rank_ratio=0.0, mac_rank_ratio=0.0)
+        for rule in ("mocd", "multi_max", "mocd_error")
     },
     "clusters": {
         f"K={k}": dict(num_clusters=k, cws_rank_ratio=0.0, mac_rank_ratio=0.0) for k in (1, 3, 5)
@@ -139,7 +155,11 @@ ABLATIONS: dict[str, dict[str, dict]] = {
     },
     "gates": {"learned gates": {}, "fixed SVD": dict(learn_gates=False)},
     # the two best selection rules with every other component on
-    "selection_full": {"mocd": {}, "multi_max": dict(channel_selection="multi_max")},
+    "selection_full": {
+        "mocd": {},
+        "multi_max": dict(channel_selection="multi_max"),
+        "mocd_error": dict(channel_selection="mocd_error"),
+    },
 }
 
 
@@ -158,7 +178,20 @@ class Bench:
 
 
 #: The models this script builds itself; any other ``--model`` is a real VLM (hub id or path).
-BENCH_MODELS = ("planted", "planted-llava", "trained", "trained-mm", "trained-mm-wide")
+BENCH_MODELS = (
+    "planted",
+    "planted-llava",
+    "trained",
+    "trained-mm",
+    "trained-mm-wide",
+    "trained-transient",
+)
+#: the trained models' presets (benchmarks/train_tiny_vlm.py), all with both modalities' outliers
+TRAINED_PRESETS = {
+    "trained-mm": "mm",
+    "trained-mm-wide": "mm-wide",
+    "trained-transient": "transient",
+}
 
 
 def load_bench(name: str, n_calib: int, n_eval: int, seed: int) -> Bench:
@@ -174,13 +207,12 @@ def load_bench(name: str, n_calib: int, n_eval: int, seed: int) -> Bench:
             synthetic_samples(tiny, n_eval, seed=seed + 1000),
             tiny.image_token_id,
         )
-    if name in ("trained", "trained-mm", "trained-mm-wide"):
+    if name == "trained" or name in TRAINED_PRESETS:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import train_tiny_vlm as tv
 
-        if name.startswith("trained-mm"):  # vision and text outliers both survive training
-            preset = "mm-wide" if name == "trained-mm-wide" else "mm"
-            model, task = tv.load_or_train(seed=seed, preset=preset, threads=1)
+        if name in TRAINED_PRESETS:  # vision and text outliers both survive training
+            model, task = tv.load_or_train(seed=seed, preset=TRAINED_PRESETS[name], threads=1)
         else:  # the configuration measured in docs/results.md (1500 training steps)
             model, task = tv.load_or_train(seed=seed, overrides={"steps": 1500}, threads=1)
         evals = task.eval_samples(n_eval)

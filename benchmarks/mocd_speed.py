@@ -3,6 +3,8 @@
     python benchmarks/mocd_speed.py                     # d = 18944, 4096 text tokens
     python benchmarks/mocd_speed.py --d 4096 --tokens 2048
     python benchmarks/mocd_speed.py --device cuda       # default: cuda when available
+    git show 3dea06d:src/splitq_modifier/mocd.py > /tmp/mocd_exact.py
+    python benchmarks/mocd_speed.py --reference /tmp/mocd_exact.py   # vs the old exact solver
 
 What it does:
 
@@ -13,35 +15,39 @@ What it does:
    rank within the token). Fed to :class:`ChannelStats` in batches, keeping all text rows.
 2. Times ``select_channels(stats, "mocd", 0.02, 0.02)`` (K = ``--clusters``) on ``--device``,
    and separately its two stages (percentile ranks, batched k-means) on the same rows.
-3. The reference, scikit-learn's ``KMeans(n_clusters=K, n_init=10)`` fitted channel by channel
-   on the same rank matrix, is far too slow for all channels: it is run on a random subset of
-   ``--subset`` channels (always including the planted text channels), timed there and
-   extrapolated linearly to all ranked channels (the output says so). Ratios: against our
-   k-means stage (what the loop replaces), and for the whole selection (a sklearn-based one
-   still needs the percentile ranks, so our rank time is added to the loop's).
-4. Agreement on that subset (the full sklearn selection is out of reach): our selection
-   contains ``m`` of the subset's channels, which are our top ``m`` there; they are compared
-   (Jaccard) with sklearn's top ``m`` by its own score (inertia / n). The per-channel inertias
-   are compared too: sklearn sits in a local optimum above ours on some channels, and is never
-   below ours by more than rounding when ours is exact. ``--subset 0`` skips sklearn.
+3. ``--reference PATH``: another ``mocd.py`` (for example the exact solver this project used
+   before, from git history) is loaded from its file and its ``select_channels`` timed on the
+   same statistics, run right after ours (same load); the two text selections are compared
+   (Jaccard), and on the subset below its inertias serve as the optimum.
+4. The reference of DESIGN.md, scikit-learn's ``KMeans(n_clusters=K, n_init=10)`` fitted
+   channel by channel on the same rank matrix, is far too slow for all channels: it is run on
+   a random subset of ``--subset`` channels (always including the planted text channels),
+   timed there and extrapolated linearly to all ranked channels (the output says so).
+5. Agreement on that subset: our selection contains ``m`` of the subset's channels, which are
+   our top ``m`` there; they are compared (Jaccard) with sklearn's top ``m`` by its own score
+   (inertia / n), and with the reference's. Per-channel inertias are compared too (each
+   solver's inertia is that of an actual partition, so the lower one is closer to the optimum).
+   ``--subset 0`` skips sklearn.
 
 Prints ratios, never asserts timing. Thread counts: torch and sklearn both get ``--threads``.
 Wall and CPU time (of this process) are both printed: on a shared machine both move with the
 load of other jobs. On an oversubscribed box (more busy threads than cores), more than one
-OpenMP thread is badly slowed by spin-waiting, ours and sklearn's alike (measured on this
-project's 2-core box: the branch and bound 5-30x slower with 2 threads than with 1); setting
-``OMP_WAIT_POLICY=PASSIVE`` removes most of that.
+OpenMP thread is badly slowed by spin-waiting (measured on this project's 2-core box: the old
+exact solver 5-30x slower with 2 threads than with 1); ``OMP_WAIT_POLICY=PASSIVE`` removes most
+of that.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import time
 
 import numpy as np
 import torch
 
+from splitq_modifier import mocd
 from splitq_modifier.mocd import (
     ChannelStats,
     batched_kmeans_1d,
@@ -95,6 +101,14 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} torch threads)"
 
 
+def _load_reference(path: str):
+    """A ``mocd.py`` loaded from its file as a module of its own."""
+    spec = importlib.util.spec_from_file_location("mocd_reference", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark (see the module docstring)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -105,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--clusters", type=int, default=3, help="K of the text score")
     ap.add_argument("--subset", type=int, default=500, help="channels for sklearn (0: skip)")
     ap.add_argument("--threads", type=int, default=2, help="torch and sklearn threads")
+    ap.add_argument("--reference", default=None, help="path of another mocd.py to compare")
     ap.add_argument("--seed", type=int, default=0)
     default_dev = "cuda" if torch.cuda.is_available() else "cpu"
     ap.add_argument("--device", default=default_dev, help=f"default: {default_dev}")
@@ -128,6 +143,12 @@ def main(argv: list[str] | None = None) -> None:
         f"d = {d}, text tokens n = {stats.num_text_tokens}, vision tokens = "
         f"{stats.num_vision_tokens}, K = {k}, k_v = k_t = {k_t}, device: {_device_name(device)}"
     )
+    ref = _load_reference(args.reference) if args.reference else None
+
+    def select(mod):
+        return lambda: mod.select_channels(
+            stats, "mocd", ratio, ratio, num_clusters=k, device=device
+        )
 
     if device.type == "cuda":  # warm-up (CUDA context, kernels) on a small site
         w, wm, _, _ = planted_activations(256, 64, 256, 2, args.seed)
@@ -135,10 +156,7 @@ def main(argv: list[str] | None = None) -> None:
         ws.update(w, wm, ~wm)
         select_channels(ws, "mocd", ratio, ratio, num_clusters=k, device=device)
 
-    (vis, txt, _), t_select, c_select = _timed(
-        lambda: select_channels(stats, "mocd", ratio, ratio, num_clusters=k, device=device),
-        device,
-    )
+    (vis, txt, _), t_select, c_select = _timed(select(mocd), device)
     got_v = int(torch.isin(vis_ch, vis).sum())
     eligible = txt_ch[~torch.isin(txt_ch, vis)]  # the vision path is chosen first
     got_t = int(torch.isin(eligible, txt).sum())
@@ -159,6 +177,15 @@ def main(argv: list[str] | None = None) -> None:
         f"of those not taken by the vision path (it took {args.planted - eligible.numel()} of "
         f"the {args.planted}: their background magnitude on vision tokens is in its top k_v)"
     )
+    if ref is not None:
+        (r_vis, r_txt, _), t_ref, c_ref = _timed(select(ref), device)
+        shared = len(set(txt.tolist()) & set(r_txt.tolist()))
+        print(
+            f"reference {args.reference}: select_channels(mocd) {t_ref:.2f} s wall, "
+            f"{c_ref:.2f} s CPU; reference / ours: {t_ref / t_select:.2f}x wall, "
+            f"{c_ref / c_select:.2f}x CPU; same vision path: {torch.equal(vis, r_vis)}; "
+            f"text path Jaccard {jaccard(txt, r_txt):.3f} ({shared} of {txt.numel()} shared)"
+        )
     if args.subset <= 0:
         return
 
@@ -177,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     cols = sub_ranks.double().cpu().numpy()
     t, c = time.perf_counter(), time.process_time()
     with threadpool_limits(args.threads):
-        ref = np.array(
+        skl = np.array(
             [
                 KMeans(n_clusters=k, n_init=10, random_state=0).fit(cols[:, j : j + 1]).inertia_
                 for j in range(sub.numel())
@@ -205,25 +232,36 @@ def main(argv: list[str] | None = None) -> None:
         print("(CPU ratios are not meaningful on cuda: the GPU work is not CPU time)")
 
     # Selections on the subset: our full selection picks m of its channels (our top m there);
-    # compare with sklearn's top m by its own score.
+    # compare with sklearn's (and the reference's) top m by their own score.
     chosen = torch.isin(kept[sub], txt).numpy()
     m = int(chosen.sum())
     ours_top = np.argsort(-ours, kind="stable")[:m]
-    ref_top = np.argsort(-ref, kind="stable")[:m]
     same = set(ours_top.tolist()) == set(np.nonzero(chosen)[0].tolist())
     planted_in_sub = np.nonzero(torch.isin(kept[sub], eligible).numpy())[0]
-    print(
-        f"on the {sub.numel()}-channel subset our selection has {m} channels "
-        f"(= our top {m} there: {same}); Jaccard with sklearn's top {m} = "
-        f"{jaccard(ours_top.tolist(), ref_top.tolist()):.3f}; planted text channels in "
-        f"sklearn's top {m}: {int(np.isin(planted_in_sub, ref_top).sum())}/{planted_in_sub.size}"
-    )
-    rel = (ref - ours) / np.maximum(ours, 1e-300)
-    print(
-        f"per-channel inertia, sklearn vs ours: sklearn higher by > 1e-6 (relative) on "
-        f"{int((rel > 1e-6).sum())}/{rel.size} channels (max {rel.max():.2e}), lower by "
-        f"> 1e-9 on {int((rel < -1e-9).sum())} (min {rel.min():.2e})"
-    )
+    solvers = {"sklearn": skl}
+    if ref is not None:
+        solvers["reference"] = ref.batched_kmeans_1d(sub_ranks, k).cpu().numpy()
+    print(f"on the {sub.numel()}-channel subset our selection has {m} channels (= our top {m} "
+          f"there: {same})")  # fmt: skip
+    for name, other in solvers.items():
+        top = np.argsort(-other, kind="stable")[:m]
+        rel = (other - ours) / np.maximum(ours, 1e-300)
+        print(
+            f"  {name}: Jaccard of its top {m} with ours {jaccard(ours_top, top):.3f}"
+            f"; planted text channels in its top {m}: "
+            f"{int(np.isin(planted_in_sub, top).sum())}/{planted_in_sub.size}; per-channel "
+            f"inertia vs ours: higher by > 1e-6 (relative) on {int((rel > 1e-6).sum())}/"
+            f"{rel.size} (max {rel.max():.2e}), lower by > 1e-6 on {int((rel < -1e-6).sum())} "
+            f"(min {rel.min():.2e}), median {np.median(rel):.2e}"
+        )
+    if ref is not None:
+        opt = solvers["reference"]
+        for name, val in (("ours", ours), ("sklearn", skl)):
+            exc = (val - opt) / np.maximum(opt, 1e-300)
+            print(
+                f"  {name} above the reference's inertia: median {np.median(exc):.2e}, "
+                f"90th percentile {np.quantile(exc, 0.9):.2e}, max {exc.max():.2e}"
+            )
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ Usage::
     python benchmarks/train_tiny_vlm.py --seed 0            # full model (2500 steps)
     python benchmarks/train_tiny_vlm.py --seed 0 --quick    # tiny model (~30 s), for tests
     python benchmarks/train_tiny_vlm.py --seed 0 --preset mm --threads 1   # both modalities
+    python benchmarks/train_tiny_vlm.py --seed 0 --preset transient --threads 1
 
 Measured (busy 2-core machine, --threads 1, --steps 1500): 755k parameters, 608 s of
 training, FP accuracy 85.3% and RTN W4A4 52.2% on 1000 held-out questions. The vision outliers
@@ -73,6 +74,17 @@ channels as their largest |x|; on text tokens the text channels give 2.63-6.91x 
 median), 92-100% of the tokens (``mm-wide``: vision 2.26-3.00x, 99-100%; text 1.62-6.36x,
 84-100%). Per layer and site, the numbers are printed by the script and stored in
 ``meta.json`` (``planted_outliers``, ``accuracy``).
+
+Preset ``transient`` (``--model trained-transient``; text hidden 256 like ``mm-wide``): outliers
+of another kind. Two vision channels only (projector bias as above), and eight text channels
+that come and go between tokens: each is "on" (``text_outlier_scale * U(0.5, 1)``) for a random
+35% of the vocabulary and "off" (log-uniform over three decades below the ordinary RMS)
+elsewhere, so its rank within a token jumps between the top and near the bottom, the case
+MOCD's rank score was designed for (:func:`text_outlier_values`). Measured (seed 0, --threads 1,
+busy shared 2-core machine, 1000 held-out questions): 2.74M parameters, 3186 s of training,
+FP 87.6%, RTN W4A4 75.0%, RTN W3A3 27.0%; 4-bit activations on the vision tokens only 77.5%, on
+the text tokens only 86.3% (a token carries one to three of the eight channels). On the vision
+tokens the two channels stay the largest (2.7-3.9x the next channel, 97-100% of the tokens).
 
 A second run with the same arguments loads the cached model from
 ``.cache/tiny_vlm/<hash of args>`` instead of retraining. From other scripts::
@@ -202,6 +214,9 @@ class TinyVLMConfig:
     # how the planted outliers are protected from training: "none" (FORMAT_VERSION 4 model:
     # planted values frozen, everything else free) or "scale_lock" (see :class:`ScaleLocks`)
     outlier_guard: str = "none"
+    # text outliers: "persistent" (large on every token: text_outlier_scale * U(0.25, 1)) or
+    # "transient" (large on some vocabulary tokens only, see :func:`text_outlier_values`)
+    text_outlier_mode: str = "persistent"
 
     @property
     def image_size(self) -> int:
@@ -229,9 +244,18 @@ class TinyVLMConfig:
 
 #: Fields added without a FORMAT_VERSION bump: at these defaults the model (and its cache key)
 #: is exactly the one trained before they existed.
-_KEY_OPTIONAL_DEFAULTS: dict[str, Any] = {"outlier_guard": "none"}
+_KEY_OPTIONAL_DEFAULTS: dict[str, Any] = {
+    "outlier_guard": "none",
+    "text_outlier_mode": "persistent",
+}
 
 GUARDS = ("none", "scale_lock")
+TEXT_OUTLIER_MODES = ("persistent", "transient")
+#: ``transient`` text outliers: each planted channel is "on" for this fraction of the
+#: vocabulary tokens (magnitude ``text_outlier_scale * U(0.5, 1)``) and "off" for the others,
+#: where its magnitude is log-uniform over three decades below the ordinary RMS
+TRANSIENT_ON_FRACTION = 0.35
+TRANSIENT_OFF_DECADES = 3.0
 
 
 QUICK_OVERRIDES: dict[str, Any] = dict(
@@ -253,7 +277,9 @@ QUICK_OVERRIDES: dict[str, Any] = dict(
 )
 
 #: Named configurations (``--preset``). ``mm``: both modalities' outliers survive training
-#: (:class:`ScaleLocks`); ``mm-wide``: the same at text hidden size 256.
+#: (:class:`ScaleLocks`); ``mm-wide``: the same at text hidden size 256; ``transient``: text
+#: hidden 256, 2 vision outlier channels and 8 text outlier channels that come and go between
+#: tokens (:func:`text_outlier_values`), the case MOCD's rank score was designed for.
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "mm": dict(outlier_guard="scale_lock", steps=1500),
@@ -263,6 +289,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         text_hidden=256,
         text_heads=4,
         text_intermediate=768,
+    ),
+    "transient": dict(
+        outlier_guard="scale_lock",
+        steps=1500,
+        text_hidden=256,
+        text_heads=4,
+        text_intermediate=768,
+        n_text_outliers=8,
+        n_vision_outliers=2,
+        text_outlier_mode="transient",
     ),
 }
 
@@ -594,6 +630,32 @@ def choose_planted_channels(cfg: TinyVLMConfig) -> tuple[list[int], list[int]]:
     return text, vision
 
 
+def text_outlier_values(
+    cfg: TinyVLMConfig, n_tokens: int, n_channels: int, g: torch.Generator
+) -> torch.Tensor:
+    """Frozen embedding entries ``[n_tokens, n_channels]`` of the planted text channels.
+
+    ``persistent``: ``text_outlier_scale * U(0.25, 1)`` with a random sign: large on every
+    token. ``transient``: per (token, channel) "on" with probability
+    :data:`TRANSIENT_ON_FRACTION` (``text_outlier_scale * U(0.5, 1)``), else "off":
+    log-uniform over :data:`TRANSIENT_OFF_DECADES` decades below the ordinary entries' RMS, so
+    the channel's rank within a token jumps between the top and anywhere below the middle.
+    Both in units of the ordinary entries' RMS (1 at planting time).
+    """
+    if cfg.text_outlier_mode not in TEXT_OUTLIER_MODES:
+        raise ValueError(f"text_outlier_mode {cfg.text_outlier_mode!r} not in {TEXT_OUTLIER_MODES}")
+    shape = (n_tokens, n_channels)
+    if cfg.text_outlier_mode == "persistent":  # draws kept in the order of the original models
+        mag = cfg.text_outlier_scale * torch.empty(shape).uniform_(0.25, 1.0, generator=g)
+    else:
+        on = torch.rand(shape, generator=g) < TRANSIENT_ON_FRACTION
+        big = cfg.text_outlier_scale * torch.empty(shape).uniform_(0.5, 1.0, generator=g)
+        decades = torch.empty(shape).uniform_(-TRANSIENT_OFF_DECADES, 0.0, generator=g)
+        mag = torch.where(on, big, 10.0**decades)
+    sign = torch.randint(0, 2, shape, generator=g) * 2 - 1
+    return mag * sign
+
+
 def build_model(cfg: TinyVLMConfig) -> tuple[nn.Module, PlantedOutliers]:
     """Random-init LlavaForConditionalGeneration with the planted outliers (deterministic)."""
     from transformers import LlavaForConditionalGeneration
@@ -625,10 +687,7 @@ def build_model(cfg: TinyVLMConfig) -> tuple[nn.Module, PlantedOutliers]:
         emb = model.get_input_embeddings().weight
         emb.copy_(torch.randn(emb.shape, generator=g))
         # text outliers: token-varying magnitude and sign on a few fixed embedding columns
-        n_tok = emb.shape[0]
-        mag = torch.empty(n_tok, len(text_ch)).uniform_(0.25, 1.0, generator=g)
-        sign = torch.randint(0, 2, (n_tok, len(text_ch)), generator=g) * 2 - 1
-        text_values = cfg.text_outlier_scale * mag * sign
+        text_values = text_outlier_values(cfg, emb.shape[0], len(text_ch), g)
         emb[:, text_ch] = text_values
         # vision outliers: large fixed bias (random sign) on a few projector output channels,
         # plus a small frozen token-varying part through the weight rows

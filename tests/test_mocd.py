@@ -17,14 +17,12 @@ from loguru import logger
 from splitq_modifier.mocd import (
     SELECTION_RULES,
     ChannelStats,
-    _kmeans3_bnb,
-    _kmeans_dc,
     _sort_rows,
-    _Sorted1D,
     batched_kmeans_1d,
     jaccard,
     percentile_ranks,
     select_channels,
+    text_error_greedy,
     text_instability_score,
 )
 
@@ -206,48 +204,101 @@ def test_ablation_rules_on_planted(planted):
 
 
 # ---------------------------------------------------------------------------------------------
+# mocd_error: the error-driven text path
+# ---------------------------------------------------------------------------------------------
+
+
+def persistent_and_transient(seed: int = 0, d: int = 128, n_vis: int = 256, n_txt: int = 1024):
+    """Background channels of persistent magnitudes (as in :func:`planted_activations`);
+    three vision outliers (30-40x the largest background channel on vision tokens); on text
+    tokens one *persistent* outlier (20x on every token,
+    +-10%) and two *transient* ones (30x on a random 30% of the tokens; on the others
+    log-uniform over three decades below the background, so their rank jumps between the top
+    and anywhere below the middle, as in the ``transient`` tiny VLM).
+    Returns (x, vision_mask, vision_channels, persistent_channel, transient_channels)."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.exp(1.5 * torch.randn(d, generator=g))
+    perm = torch.randperm(d, generator=g)
+    vis_ch, pers, trans = perm[:3], perm[3:4], perm[4:6]
+    n = n_vis + n_txt
+    sign = torch.where(torch.rand(n, d, generator=g) < 0.5, -1.0, 1.0)
+    x = scale * (1 + 0.25 * torch.randn(n, d, generator=g)).abs()
+    big = scale.max()
+    x[:n_vis, vis_ch] = big * (30 + 10 * torch.rand(n_vis, 3, generator=g))
+    x[n_vis:, pers] = big * (20 + 2 * torch.rand(n_txt, 1, generator=g))
+    on = torch.rand(n_txt, 2, generator=g) < 0.3
+    off = scale.median() * 10 ** torch.empty(n_txt, 2).uniform_(-3, 0, generator=g)
+    x[n_vis:, trans] = torch.where(on, 30.0 * big, off)
+    is_vis = torch.zeros(n, dtype=torch.bool)
+    is_vis[:n_vis] = True
+    return x * sign, is_vis, vis_ch, pers, trans
+
+
+def test_mocd_error_catches_persistent_and_transient_text_outliers():
+    x, vm, vc, pers, trans = persistent_and_transient()
+    st = stats_from(x, vm, ~vm, batch=4, seq=64)
+    text_ch = torch.cat([pers, trans])
+    vis, txt, main = select_channels(st, "mocd_error", 0.0, 0.0, counts=(3, 3))
+    check_partition(128, vis, txt, main)
+    assert jaccard(vis, vc) == 1.0 and jaccard(txt, text_ch) == 1.0
+    # why the new rule: MOCD's rank score leaves out the persistent outlier (its rank is
+    # always the top one, a stable relative response) and keeps the transient ones
+    _, txt_mocd, _ = select_channels(st, "mocd", 0.0, 0.0, counts=(3, 3))
+    assert not torch.isin(pers, txt_mocd).any() and torch.isin(trans, txt_mocd).all()
+
+
+def test_mocd_error_is_error_driven_not_max_driven():
+    """A single spike on one token has the largest max |x|, but a channel that is the largest
+    on every token (by a smaller margin) costs a per-token quantizer more: it comes first."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(400, 32, generator=g)
+    x[:, 5] = 8.0  # largest on every token
+    x[17, 9] = 100.0  # one spike
+    order = text_error_greedy(x, 2)
+    assert order.tolist() == [5, 9]
+    assert torch.sort(x.abs().amax(0), descending=True).indices[0] == 9  # what text_max takes
+
+
+def _naive_greedy(x: torch.Tensor, k: int, exclude: list[int]) -> list[int]:
+    """The objective recomputed from scratch for every candidate at every step."""
+    sq = x.double().square()
+    alive = torch.ones(x.shape[1], dtype=torch.bool)
+    alive[exclude] = False
+    chosen = []
+    for _ in range(k):
+        best, best_j = None, None
+        for j in torch.nonzero(alive).flatten().tolist():
+            keep = alive.clone()
+            keep[j] = False
+            obj = float(sq[:, keep].amax(1).sum())
+            if best is None or obj < best - 1e-12:
+                best, best_j = obj, j
+        chosen.append(best_j)
+        alive[best_j] = False
+    return chosen
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_text_error_greedy_matches_a_naive_greedy(seed):
+    """The incremental bookkeeping (each token's k + 1 largest, pointers moved only on the
+    tokens a step changes) makes exactly the naive greedy's choices."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(60, 24, generator=g) * torch.exp(torch.randn(24, generator=g))
+    x[torch.rand(60, 24, generator=g) < 0.05] *= 20  # token-varying outliers
+    got = text_error_greedy(x, 6, exclude=[0, 3])
+    assert got.tolist() == _naive_greedy(x, 6, [0, 3])
+    assert text_error_greedy(x, 30, exclude=[0, 3]).numel() == 22  # capped at the candidates
+    assert text_error_greedy(x[:0], 3).numel() == 0
+
+
+# ---------------------------------------------------------------------------------------------
 # batched 1-D k-means
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("k", [1, 3, 5])
-def test_kmeans_matches_sklearn(k):
-    from sklearn.cluster import KMeans
-    from threadpoolctl import threadpool_limits
-
-    g = torch.Generator().manual_seed(k)
-    n = 300
-    x = torch.cat(
-        [
-            torch.randn(n, 10, generator=g),
-            torch.rand(n, 10, generator=g),
-            torch.randint(0, 64, (n, 10), generator=g).float() / 63,  # rank-like, ties
-        ],
-        dim=1,
-    )
-    ours = batched_kmeans_1d(x, k).numpy()
-    assert ours.dtype == np.float64 and ours.shape == (30,)
-    with threadpool_limits(1):
-        ref = np.array(
-            [
-                KMeans(k, n_init=50, random_state=0).fit(x[:, j : j + 1].double().numpy()).inertia_
-                for j in range(30)
-            ]
-        )
-    rel = (ours - ref) / ref
-    # Equal to sklearn within 1e-3 on (nearly) every channel; where they differ, sklearn
-    # sits in a local optimum above ours (see test_kmeans_is_exact). Measured on these
-    # channels: with n_init=10 sklearn is within 1e-3 of ours on 67% (K=5) / 93% (K=3), with
-    # n_init=50 on 93% / 100%, with n_init=200 on 97% / 100%; never below ours (by > 1e-14).
-    # The small margin allows a rare distant local optimum (see test_kmeans_is_exact).
-    assert rel.max() <= 2e-3
-    assert np.mean(np.abs(rel) <= 1e-3) >= 0.85
-    assert ours.sum() <= ref.sum()
-    if k == 1:
-        np.testing.assert_allclose(ours, x.double().var(0, unbiased=False).numpy() * n, rtol=1e-9)
-
-
 def _hard_columns(n: int, c: int, seed: int) -> torch.Tensor:
+    """Columns on which Lloyd-type k-means meets local optima: uniform, normal, few distinct
+    values (ties), multi-modal, heavy-tailed, percentile-rank-like."""
     g = torch.Generator().manual_seed(seed)
     cols = []
     for j in range(c):
@@ -271,77 +322,85 @@ def _hard_columns(n: int, c: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("k", [2, 3, 5])
-def test_kmeans_is_exact(k):
-    """Against an exact dynamic programme on hard 1-D data (ties, multi-modal, heavy tails),
-    where Lloyd and sklearn's KMeans get stuck in local optima (measured: up to ~10% and 8.5%
-    above the optimum). The batched solver is exact on nearly every column; a rare miss is a
-    distant local optimum a fraction of a percent above (measured: 3 of 480 columns, <= 0.2%;
-    here 1 of 36 at K=5, 0.5%)."""
-    x = _hard_columns(240, 36, seed=10 + k)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kmeans_against_the_exact_programme(k, seed):
+    """Against the exact O(K n^2) programme on hard columns: never below the optimum (the
+    result is the inertia of an actual partition), at most 5% above it on any column, exact
+    on at least 40% of them, and the total within 1%. Measured here (seeds 0, 1): the worst
+    column 2.8% above, 47-92% of the columns exact; scikit-learn's KMeans(n_init=10) on the
+    same columns: worst 4.4%, 53-97% exact."""
+    x = _hard_columns(240, 36, seed=10 * seed + k)
     ours = batched_kmeans_1d(x, k).numpy()
+    assert ours.dtype == np.float64 and ours.shape == (36,)
     exact = np.array([exact_kmeans_1d(x[:, j].numpy(), k) for j in range(x.shape[1])])
-    total = ((x.double() - x.double().mean(0)) ** 2).sum(0).numpy()
-    atol = 1e-10 * total
-    assert np.all(ours >= exact - atol)  # an inertia, never below the optimum
-    assert np.all(ours <= exact * (1 + 1e-2) + atol)
-    assert np.mean(np.abs(ours - exact) <= 1e-7 * exact + atol) >= 34 / 36
+    atol = 1e-10 * ((x.double() - x.double().mean(0)) ** 2).sum(0).numpy()
+    rel = (ours - exact) / (exact + atol)
+    assert np.all(ours >= exact - atol)
+    assert rel.max() <= 0.05
+    assert np.mean(rel <= 1e-7) >= 0.4
+    assert ours.sum() <= exact.sum() * 1.01
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_kmeans_on_ranks_matches_sklearn(k):
+    """On percentile ranks (what MOCD clusters; with d = 64 they take 64 levels, many ties)
+    the batched k-means is as good as the reference, scikit-learn's KMeans(n_init=10): total
+    inertia no more than 0.2% above sklearn's, no column more than 10% above the exact
+    optimum. Measured on seeds 7-9: totals -0.8% to +0.1% against sklearn's; worst columns
+    2.4-10.3% above the optimum, sklearn's 5-18%."""
+    from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
+
+    x, _, tm, _, _ = planted_activations(seed=7, d=64, n_vis=16, n_txt=300)
+    cols = percentile_ranks(x[tm]).double().numpy()
+    ours = batched_kmeans_1d(torch.from_numpy(cols), k).numpy()
+    with threadpool_limits(1):
+        ref = np.array(
+            [KMeans(k, n_init=10, random_state=0).fit(cols[:, [j]]).inertia_ for j in range(64)]
+        )
+    exact = np.array([exact_kmeans_1d(cols[:, j], k) for j in range(64)])
+    atol = 1e-9 * cols.var(0) * 300
+    assert np.all(ours >= exact - atol)
+    assert np.all(ours <= exact * 1.1 + atol)
+    assert ours.sum() <= ref.sum() * 1.002
 
 
 def test_kmeans_edge_cases():
     x = torch.tensor([[1.0, 5.0], [2.0, 5.0], [3.0, 5.0]])
     np.testing.assert_allclose(batched_kmeans_1d(x, 3).numpy(), [0.0, 0.0], atol=1e-12)
     np.testing.assert_allclose(batched_kmeans_1d(x, 7).numpy(), [0.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(batched_kmeans_1d(x, 2).numpy(), [0.5, 0.0], atol=1e-12)
     np.testing.assert_allclose(batched_kmeans_1d(x, 1).numpy(), [2.0, 0.0], atol=1e-12)
+    r = torch.rand(50, 7, generator=torch.Generator().manual_seed(0))
+    k1 = r.double().var(0, unbiased=False).numpy() * 50
+    np.testing.assert_allclose(batched_kmeans_1d(r, 1).numpy(), k1, rtol=1e-12)
     assert batched_kmeans_1d(torch.zeros(0, 4), 3).shape == (4,)
+    # a large offset does not cost precision (the sums are taken about the median)
+    y = torch.tensor([0.0, 1.0, 10.0, 11.0, 20.0, 21.0], dtype=torch.float64)[:, None]
+    np.testing.assert_allclose(batched_kmeans_1d(y + 1e9, 3).numpy(), [1.5], rtol=1e-9)
     with pytest.raises(ValueError, match="num_clusters"):
         batched_kmeans_1d(x, 0)
 
 
-def _sorted_centred(x: torch.Tensor) -> _Sorted1D:
-    """The solvers' input for the columns of ``x`` [n, c]."""
-    xs = torch.sort(x.t().double(), dim=1).values
-    return _Sorted1D((xs - xs.mean(dim=1, keepdim=True)).contiguous())
-
-
-@pytest.mark.parametrize("k", [3, 4, 5])
-def test_exact_solvers_agree_with_the_exact_programme(k):
-    """The two exact solvers behind batched_kmeans_1d, the branch and bound (K = 3) and the
-    divide-and-conquer programme (K >= 4), each equal the O(K n^2) programme on hard
-    columns; the branch and bound also from a known partition as its start."""
-    x = _hard_columns(240, 36, seed=20 + k)
-    data = _sorted_centred(x)
-    exact = np.array([exact_kmeans_1d(x[:, j].numpy(), k) for j in range(x.shape[1])])
-    total = ((x.double() - x.double().mean(0)) ** 2).sum(0).numpy()
-    tol = 1e-9 * exact + 1e-10 * total
-    assert np.all(np.abs(_kmeans_dc(data, k).numpy() - exact) <= tol)
-    if k == 3:
-        assert np.all(np.abs(_kmeans3_bnb(data).numpy() - exact) <= tol)
-        start = data.cost(torch.tensor([0, 80, 160, 240]).expand(36, -1).contiguous())
-        assert np.all(np.abs(_kmeans3_bnb(data, start).numpy() - exact) <= tol)
-
-
 def test_small_work_chunks_give_the_same_results(monkeypatch):
-    """Chunking (token chunks of the ranks, column chunks of the k-means, slices of the
-    branch-and-bound items) changes nothing: a tiny chunk budget gives identical results."""
+    """Chunking (token chunks of the ranks, column chunks of the k-means) changes nothing."""
     import splitq_modifier.mocd as mocd
 
     g = torch.Generator().manual_seed(4)
     rows = torch.randn(300, 40, generator=g) * torch.exp(torch.randn(40, generator=g))
     x = _hard_columns(240, 12, seed=7)
     ranks = percentile_ranks(rows)
-    ref = {k: batched_kmeans_1d(x, k) for k in (2, 3, 4)}
-    monkeypatch.setattr(mocd, "_CHUNK_ELEMS", 1 << 12)  # 102 token rows, 1 column, 64 items
+    ref = {k: batched_kmeans_1d(x, k) for k in (1, 2, 3, 4)}
+    monkeypatch.setattr(mocd, "_CHUNK_ELEMS", 1 << 12)  # 13 token rows, 1 column
     assert torch.equal(percentile_ranks(rows), ranks)
-    for k in (2, 3, 4):
+    for k in (1, 2, 3, 4):
         torch.testing.assert_close(batched_kmeans_1d(x, k), ref[k], rtol=1e-12, atol=1e-12)
 
 
-def test_wide_site_scores_are_exact_and_planted_channels_selected():
-    """At a wider site (d = 2048, 1000 text tokens) the production path gives the exact
-    text scores: equal on every channel to the independent exact solver (divide and
-    conquer), and to the O(K n^2) programme on the planted channels, the 10 channels around
-    the selection cut and 5 random ones; the selection is the exact top-k_t and contains
-    the planted channels."""
+def test_wide_site_selects_planted_channels_with_near_exact_scores():
+    """At a wider site (d = 2048, 1000 text tokens) the production path selects the planted
+    channels, and its scores of the planted channels, the 10 channels around the selection cut
+    and 5 random ones are within 1% of (and never below) the exact programme's."""
     x, vm, tm, vc, tc = planted_activations(seed=2, d=2048, n_vis=256, n_txt=1000)
     st = stats_from(x, vm, tm)
     vis, txt, main = select_channels(st, "mocd", 0.02, 0.02)
@@ -352,15 +411,9 @@ def test_wide_site_scores_are_exact_and_planted_channels_selected():
     score = text_instability_score(st.text_rows, 3, exclude=vis)
     kept = torch.nonzero(~torch.isneginf(score)).flatten()
     ranks = percentile_ranks(st.text_rows[:, kept])
-    ref = torch.full_like(score, float("-inf"))
-    ref[kept] = (_kmeans_dc(_sorted_centred(ranks), 3) / 1000).float()
-    torch.testing.assert_close(score, ref, rtol=1e-6, atol=1e-9)
     k_t = txt.numel()
-    assert torch.equal(
-        txt, torch.sort(torch.sort(ref, descending=True, stable=True).indices[:k_t]).values
-    )
-
     order = torch.sort(score, descending=True, stable=True).indices
+    assert torch.equal(txt, torch.sort(order[:k_t]).values)
     g = torch.Generator().manual_seed(0)
     pick = torch.cat(
         [tc, order[k_t - 5 : k_t + 5], kept[torch.randperm(kept.numel(), generator=g)[:5]]]
@@ -368,7 +421,7 @@ def test_wide_site_scores_are_exact_and_planted_channels_selected():
     for j in torch.unique(pick).tolist():
         col = int(torch.searchsorted(kept, j))
         exact = exact_kmeans_1d(ranks[:, col].numpy(), 3) / 1000
-        assert score[j].item() == pytest.approx(exact, rel=1e-6, abs=1e-9)
+        assert exact * (1 - 1e-6) <= score[j].item() <= exact * 1.01 + 1e-9
 
 
 # ---------------------------------------------------------------------------------------------
@@ -523,7 +576,7 @@ def test_no_vision_tokens(warnings_log):
     st = ChannelStats(64)
     st.update(x, torch.zeros(3, 50, dtype=torch.bool), torch.ones(3, 50, dtype=torch.bool))
     assert st.num_vision_tokens == 0
-    for rule in ("mocd", "vision_max", "text_max", "multi_max", "multi_mean"):
+    for rule in ("mocd", "mocd_error", "vision_max", "text_max", "multi_max", "multi_mean"):
         vis, txt, main = select_channels(st, rule, 0.05, 0.05)
         check_partition(64, vis, txt, main)
         assert vis.numel() == 0
@@ -537,7 +590,7 @@ def test_no_text_tokens(warnings_log):
     x = torch.randn(2, 30, 64)
     st = ChannelStats(64)
     st.update(x, torch.ones(2, 30, dtype=torch.bool), torch.zeros(2, 30, dtype=torch.bool))
-    for rule in ("mocd", "vision_max", "text_max", "multi_max", "multi_mean"):
+    for rule in ("mocd", "mocd_error", "vision_max", "text_max", "multi_max", "multi_mean"):
         vis, txt, main = select_channels(st, rule, 0.05, 0.05)
         check_partition(64, vis, txt, main)
         assert txt.numel() == 0

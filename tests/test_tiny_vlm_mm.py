@@ -116,3 +116,28 @@ def test_folded_model_is_stock_and_frozen(trained):
     assert torch.allclose(
         y[:, vision].mean(0), planted.vision_bias, rtol=0.1, atol=0.1 * cfg.vision_outlier_scale
     )
+
+
+def test_transient_preset_plants_text_outliers_that_come_and_go():
+    # the fourth trained model (--preset transient): 8 text outlier channels, each large on
+    # about a third of the vocabulary and far below the ordinary entries elsewhere (its rank
+    # within a token jumps between the top and the bottom half), 2 vision outlier channels;
+    # the older presets' planted values are unchanged (persistent: large on every token)
+    full = tv._cfg_from_args(0, False, None, "transient")
+    assert full.text_hidden >= 256 and full.outlier_guard == "scale_lock"
+    assert (full.n_text_outliers, full.n_vision_outliers) == (8, 2)
+    cfg = tv._cfg_from_args(0, True, {"n_text_outliers": 8}, "transient")  # small, same planting
+    model, planted = tv.build_model(cfg)
+    assert len(planted.text_channels) == 8
+    emb = model.get_input_embeddings().weight.detach()
+    ordinary = torch.ones(cfg.text_hidden, dtype=torch.bool)
+    ordinary[planted.text_channels] = False
+    rms = emb[:, ordinary].pow(2).mean().sqrt()
+    mag = emb[:, planted.text_channels].abs() / rms
+    large = mag > 0.25 * cfg.text_outlier_scale
+    assert ((large.float().mean(0) > 0.1) & (large.float().mean(0) < 0.7)).all()
+    assert (mag[~large] <= 1.0 + 1e-6).all() and (mag[~large] < 0.1).float().mean() > 0.5
+    mm, planted_mm = tv.build_model(tv._cfg_from_args(0, True, None, "mm"))
+    persistent = planted_mm.text_values.abs() / tv.TinyVLMConfig().text_outlier_scale
+    assert persistent.min() >= 0.25 - 1e-6
+    assert tv._cfg_from_args(0, False, None, "mm").cache_key() == "e2e54759f6e9e4c2"
