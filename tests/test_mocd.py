@@ -714,14 +714,15 @@ _WORKER = textwrap.dedent(
     rank, out = int(sys.argv[2]), sys.argv[3]
     dist.init_process_group("gloo", init_method="file://" + out + "/pg", rank=rank, world_size=2)
     x, vm, tm = torch.load(out + "/data.pt")
-    st = mocd.ChannelStats(x.shape[-1], max_text_tokens=150)
+    st = mocd.ChannelStats(x.shape[-1], max_text_tokens=150, max_vision_tokens=60)
     half = x.shape[0] // 2
     sl = slice(0, half) if rank == 0 else slice(half, None)
     st.update(x[sl], vm[sl], tm[sl])
     st.all_reduce()
     torch.save(
         {k: getattr(st, k) for k in ("vision_max", "text_max", "vision_abs_sum",
-         "text_abs_sum", "num_vision_tokens", "num_text_tokens", "text_rows", "text_keys")},
+         "text_abs_sum", "num_vision_tokens", "num_text_tokens", "text_rows", "text_keys",
+         "vision_rows", "vision_keys")},
         out + f"/rank{rank}.pt",
     )
     dist.destroy_process_group()
@@ -758,9 +759,12 @@ def test_all_reduce_two_processes(tmp_path):
         assert r["num_vision_tokens"] == full.num_vision_tokens
         assert r["num_text_tokens"] == full.num_text_tokens
         assert r["text_rows"].shape == (150, 24)
-    # the same sample on both ranks, made of rows from both halves of the data
+    # the same samples on both ranks, made of rows from both halves of the data
     assert torch.equal(res[0]["text_rows"], res[1]["text_rows"])
     assert torch.equal(res[0]["text_keys"], res[1]["text_keys"])
+    assert res[0]["vision_rows"].shape == (60, 24)
+    assert torch.equal(res[0]["vision_rows"], res[1]["vision_rows"])
+    torch.save(res, tmp_path / "reduced.pt")  # (kept for a look when this fails)
     xt = x[tm]
     pos = (res[0]["text_rows"].unsqueeze(1) == xt.unsqueeze(0)).all(-1).float().argmax(1)
     n_first = int(tm[:300].sum())

@@ -147,3 +147,21 @@ def test_aux_bits_floor_reaches_the_branches(tmp_path):
         assert p.w_bits == (3, 3, 3) and p.a_bits == (3, 3, 3), name
         for br in (p.cws, p.mac):
             assert br is not None and br.w_bits == 3 and br.act_bits == 3, name
+
+
+def test_adaptive_widths_end_to_end(tmp_path):
+    """outlier_widths: adaptive chooses each site's widths within the layer's fixed budget,
+    finds the planted channels at the attention input, and records the choice."""
+    tiny = build_tiny_vlm("qwen2_5_vl", hidden=128, layers=1, outliers=3, path=str(tmp_path))
+    mod = SplitQModifier(epochs=0, outlier_widths="adaptive", channel_selection="mocd_error",
+                         cws_rank_ratio=0, mac_rank_ratio=0)  # fmt: skip
+    _oneshot(tiny, [mod], n=8)
+    sites = {k: v for k, v in mod.report.items() if "vision" in v}
+    assert len(sites) == 4
+    spent = sum(len(v["vision"]) + len(v["text"]) for v in sites.values())
+    budget = sum(sum(v["adaptive"]["fixed_widths"]) for v in sites.values())
+    assert spent <= budget
+    site = sites["model.language_model.layers.0.attn_in"]
+    assert set(tiny.vision_channels) <= set(site["vision"])
+    assert set(tiny.text_channels) <= set(site["text"])
+    assert site["adaptive"]["proxy_error"] <= site["adaptive"]["fixed_proxy_error"]

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from splitq_modifier import checks
 from splitq_modifier.acc import QuantBranch
+from splitq_modifier.allocation import SiteCandidates, allocate, candidate_widths, proxy_errors
 from splitq_modifier.distributed import (
     all_gather_objects,
     all_reduce_grads,
@@ -41,7 +42,7 @@ from splitq_modifier.distributed import (
     rank_and_world,
 )
 from splitq_modifier.layout import SitePlan, plan_for_sizes, plan_site
-from splitq_modifier.mocd import ChannelStats, select_channels
+from splitq_modifier.mocd import ChannelStats, rank_channels, select_channels
 from splitq_modifier.rounding import collect_hessians
 from splitq_modifier.runtime import ModalityContext
 from splitq_modifier.split_linear import (
@@ -240,6 +241,7 @@ class SplitQSettings:
     vision_outlier_ratio: float = 0.02
     text_outlier_ratio: float = 0.02
     channel_multiple: int = 32
+    outlier_widths: str = "fixed"
     channel_selection: str = "mocd"
     num_clusters: int = 3
     learn_transforms: bool = True
@@ -305,6 +307,7 @@ class SitePlanResult:
     num_text_tokens: int
     vision_max: torch.Tensor
     text_max: torch.Tensor
+    adaptive: dict | None = None  # the proxy errors of the chosen and the fixed widths
 
 
 @dataclass
@@ -323,15 +326,66 @@ def site_seed(seed: int, name: str) -> int:
     return (int(seed) + zlib.crc32(name.encode())) % (2**31)
 
 
-def _plan(site: Site, settings: SplitQSettings) -> tuple[ChannelSplit, SitePlan]:
-    """The site's channel split and path layout (aligned counts, balanced factors)."""
+def _fixed_plan(site: Site, settings: SplitQSettings) -> SitePlan:
+    """The layout of the recipe's fixed ratios (aligned counts, balanced factors)."""
+    outs = [lin.out_features for _, lin in site.linears]
+    text_ratio = 0.0 if site.vision else settings.text_outlier_ratio
+    return plan_site(site.stats.dim, outs, settings.vision_outlier_ratio, text_ratio,
+                     settings.channel_multiple)  # fmt: skip
+
+
+def _adaptive_widths(
+    name: str, sites: Sequence[Site], settings: SplitQSettings
+) -> list[SiteCandidates] | None:
+    """Per site, the proxy errors of its candidate widths (:mod:`.allocation`); None when
+    activations are not quantized or no channels are selected (then the widths are fixed)."""
+    _, abits = settings.path_bits
+    if abits[2] is None or settings.channel_selection == "none":
+        return None
+    tables = []
+    for site in sites:
+        site.stats.all_reduce()
+        d, outs = site.stats.dim, [lin.out_features for _, lin in site.linears]
+        fixed = _fixed_plan(site, settings).sizes[:2]
+        m = settings.channel_multiple
+        step = m if m > 1 and all(k % m == 0 for k in fixed) else 1
+        caps = tuple(max(candidate_widths(k, d, step)) if k else 0 for k in fixed)
+        text_ratio = 0.0 if site.vision else settings.text_outlier_ratio
+        vis, txt = rank_channels(site.stats, settings.channel_selection,
+                                 settings.vision_outlier_ratio, text_ratio,
+                                 settings.num_clusters, settings.seed, counts=caps)  # fmt: skip
+        tables.append(
+            proxy_errors(
+                f"{name}.{site.name}",
+                site.stats.vision_rows,
+                site.stats.text_rows,
+                _smoothing(site, settings.smooth_alpha),
+                vis,
+                txt,
+                fixed,
+                step,
+                outs,
+                (abits[0], abits[2]),
+                site_seed(settings.seed, site.name),
+            )  # fmt: skip
+        )
+    return tables
+
+
+def _plan(
+    site: Site, settings: SplitQSettings, counts: tuple[int, int] | None = None
+) -> tuple[ChannelSplit, SitePlan]:
+    """The site's channel split and path layout: the fixed ratios' (aligned counts, balanced
+    factors), or the given ``counts`` (adaptive widths, whose factors are balanced)."""
     site.stats.all_reduce()
     d = site.stats.dim
     outs = [lin.out_features for _, lin in site.linears]
     if settings.channel_selection == "none":
         return ChannelSplit.none(d), plan_site(d, outs, 0.0, 0.0, settings.channel_multiple)
     text_ratio = 0.0 if site.vision else settings.text_outlier_ratio
-    plan = plan_site(d, outs, settings.vision_outlier_ratio, text_ratio, settings.channel_multiple)
+    plan = _fixed_plan(site, settings)
+    if counts is not None:
+        plan = plan_for_sizes((*counts, d - sum(counts)), outs)
     v, t, m = select_channels(
         site.stats,
         settings.channel_selection,
@@ -453,10 +507,18 @@ def calibrate_layer(
         context.text_mask = mask
 
     clock = {"select": 0.0, "build": 0.0}
+    t0 = time.perf_counter()
+    adaptive = settings.outlier_widths == "adaptive"
+    tables = _adaptive_widths(name, sites, settings) if adaptive else None
+    widths = None
+    if tables is not None:
+        budget = sum(sum(_fixed_plan(s, settings).sizes[:2]) for s in sites)
+        widths = allocate(tables, budget)
+    clock["select"] += time.perf_counter() - t0
     built, chosen = [], []
-    for site in sites:
+    for i, site in enumerate(sites):
         t0 = time.perf_counter()
-        split, plan = _plan(site, settings)
+        split, plan = _plan(site, settings, None if widths is None else widths[i])
         t1 = time.perf_counter()
         stats = site.stats
         chosen.append(
@@ -469,6 +531,13 @@ def calibrate_layer(
                 num_text_tokens=stats.num_text_tokens,
                 vision_max=stats.vision_max.detach().float().cpu(),
                 text_max=stats.text_max.detach().float().cpu(),
+                adaptive=None
+                if tables is None
+                else {
+                    "fixed_widths": list(tables[i].fixed),
+                    "proxy_error": tables[i].errors.get(tuple(widths[i])),
+                    "fixed_proxy_error": tables[i].errors.get(tables[i].fixed),
+                },
             )
         )
         built.append(_build(layer, name, site, split, plan, settings, context, device))

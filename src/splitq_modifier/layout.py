@@ -47,6 +47,7 @@ __all__ = [
     "MAX_SIDE",
     "TRANSFORM_BUDGET",
     "SitePlan",
+    "balanced_plan",
     "factorizations",
     "kron_dims",
     "outlier_count",
@@ -253,3 +254,18 @@ def plan_for_sizes(
     if dims is None:
         dims = tuple(kron_dims(k, 2, False) for k in (k_v, k_t, m))
     return SitePlan((k_v, k_t, m), dims, d * out_total)
+
+
+def balanced_plan(
+    sizes: tuple[int, int, int],
+    out_features: tuple[int, ...] | list[int],
+    budget: float = TRANSFORM_BUDGET,
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None:
+    """Factor sizes for fixed path widths when the main path has a balanced factorisation
+    within the cost budget, else None; below width 1024, where the kernels' tiles do not
+    care, the most balanced factors whatever they are (:func:`plan_for_sizes`)."""
+    d = int(sum(sizes))
+    if d < 1024:
+        return plan_for_sizes(sizes, out_features, budget).dims
+    k_v, k_t, m = (int(k) for k in sizes)
+    return _main_dims(k_v, k_t, m, int(sum(out_features)), d, budget)

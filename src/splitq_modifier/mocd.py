@@ -22,6 +22,7 @@ __all__ = [
     "batched_kmeans_1d",
     "jaccard",
     "percentile_ranks",
+    "rank_channels",
     "select_channels",
     "text_error_greedy",
     "text_instability_score",
@@ -66,17 +67,24 @@ class ChannelStats:
     first batch's device), ``vision_abs_sum`` / ``text_abs_sum`` (float64) with the token
     counts, and ``text_rows``: the ``max_text_tokens`` text rows (float32, CPU) with the
     smallest :func:`_sample_keys` (seeded by ``seed``), ordered by key, so the same for any
-    batching. Tokens in neither mask (padding) are ignored. Data parallel: :meth:`all_reduce`
-    once, after the last ``update``.
+    batching; likewise ``vision_rows`` (``max_vision_tokens`` of them, none by default: the
+    adaptive path widths read them). Tokens in neither mask (padding) are ignored. Data
+    parallel: :meth:`all_reduce` once, after the last ``update``.
     """
 
-    def __init__(self, dim: int, max_text_tokens: int = 4096, seed: int = 0) -> None:
-        """Create an empty accumulator for ``dim`` channels keeping ``max_text_tokens`` rows."""
+    def __init__(
+        self, dim: int, max_text_tokens: int = 4096, seed: int = 0, max_vision_tokens: int = 0
+    ) -> None:
+        """Create an empty accumulator for ``dim`` channels keeping ``max_text_tokens`` text
+        rows and ``max_vision_tokens`` vision rows."""
         if dim < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
         if max_text_tokens < 1:
             raise ValueError(f"max_text_tokens must be >= 1, got {max_text_tokens}")
         self.dim, self.max_text_tokens, self.seed = int(dim), int(max_text_tokens), int(seed)
+        self.max_vision_tokens = int(max_vision_tokens)
+        self.vision_rows = torch.zeros(0, self.dim)
+        self.vision_keys = torch.zeros(0, dtype=torch.int64)
         self.vision_max = torch.zeros(self.dim)
         self.text_max = torch.zeros(self.dim)
         self.vision_abs_sum = torch.zeros(self.dim, dtype=torch.float64)
@@ -122,10 +130,15 @@ class ChannelStats:
             self._seen = True
         dev = self.vision_max.device
         # out of place throughout: safe when the tensors were made under torch.inference_mode
-        av = xs[vm].abs()
+        xv = xs[vm]
+        av = xv.abs()
         if av.shape[0] > 0:
             self.vision_max = torch.maximum(self.vision_max, av.amax(0).float().to(dev))
             self.vision_abs_sum = self.vision_abs_sum + av.sum(0, dtype=torch.float64).to(dev)
+            if self.max_vision_tokens:
+                rank = torch.distributed.get_rank() if _dist_ready() else 0
+                keys = _sample_keys(self.seed, rank + (1 << 20), self.num_vision_tokens, len(xv))
+                self._keep("vision", xv, keys)
             self.num_vision_tokens += int(av.shape[0])
         xt = xs[tm]
         n_t = int(xt.shape[0])
@@ -136,17 +149,26 @@ class ChannelStats:
             rank = torch.distributed.get_rank() if _dist_ready() else 0
             keys = _sample_keys(self.seed, rank, self.num_text_tokens, n_t)
             self.num_text_tokens += n_t
-            if n_t > self.max_text_tokens:  # only the batch's smallest keys can make the cut
-                keep = torch.sort(keys, stable=True).indices[: self.max_text_tokens]
-                xt, keys = xt[keep.to(xt.device)], keys[keep]
-            self._keep_smallest(
-                torch.cat([self.text_rows, xt.float().cpu()]), torch.cat([self.text_keys, keys])
-            )
+            self._keep("text", xt, keys)
 
-    def _keep_smallest(self, rows: Tensor, keys: Tensor) -> None:
-        """Keep the ``max_text_tokens`` rows with the smallest keys, ordered by key."""
-        order = torch.sort(keys, stable=True).indices[: self.max_text_tokens]
-        self.text_rows, self.text_keys = rows[order].contiguous(), keys[order].contiguous()
+    def _keep(self, kind: str, rows: Tensor, keys: Tensor) -> None:
+        """Merge ``rows`` into the ``kind`` ("text" or "vision") sample: keep the rows with the
+        smallest keys (at most ``max_{kind}_tokens``), ordered by key."""
+        cap = getattr(self, f"max_{kind}_tokens")
+        if rows.shape[0] > cap:  # only the batch's smallest keys can make the cut
+            keep = torch.sort(keys, stable=True).indices[:cap]
+            rows, keys = rows[keep.to(rows.device)], keys[keep]
+        self._keep_smallest(
+            kind,
+            torch.cat([getattr(self, f"{kind}_rows"), rows.float().cpu()]),
+            torch.cat([getattr(self, f"{kind}_keys"), keys]),
+        )
+
+    def _keep_smallest(self, kind: str, rows: Tensor, keys: Tensor) -> None:
+        """Keep the ``max_{kind}_tokens`` rows with the smallest keys, ordered by key."""
+        order = torch.sort(keys, stable=True).indices[: getattr(self, f"max_{kind}_tokens")]
+        setattr(self, f"{kind}_rows", rows[order].contiguous())
+        setattr(self, f"{kind}_keys", keys[order].contiguous())
 
     @torch.no_grad()
     def all_reduce(self) -> None:
@@ -171,11 +193,14 @@ class ChannelStats:
         self.num_vision_tokens = int(round(float(sums[2 * d])))
         self.num_text_tokens = int(round(float(sums[2 * d + 1])))
         gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (self.text_rows, self.text_keys))
-        self._keep_smallest(
-            torch.cat([g[0].cpu().float() for g in gathered]),
-            torch.cat([g[1].cpu() for g in gathered]),
-        )
+        samples = (self.text_rows, self.text_keys, self.vision_rows, self.vision_keys)
+        dist.all_gather_object(gathered, samples)
+        for kind, i in (("text", 0), ("vision", 2)):
+            self._keep_smallest(
+                kind,
+                torch.cat([g[i].cpu().float() for g in gathered]),
+                torch.cat([g[i + 1].cpu() for g in gathered]),
+            )
         self._reduced = True
 
 
@@ -435,7 +460,28 @@ def select_channels(
     counts: tuple[int, int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Split the ``d`` channels of one site into ``(vision_idx, text_idx, main_idx)``: int64
-    CPU tensors, each sorted, disjoint, together ``range(d)``.
+    CPU tensors, each sorted, disjoint, together ``range(d)`` (:func:`rank_channels`' choice).
+    """
+    vis, txt = rank_channels(stats, rule, vision_ratio, text_ratio, num_clusters, seed,
+                             device=device, counts=counts)  # fmt: skip
+    vis, txt = torch.sort(vis).values, torch.sort(txt).values
+    used = torch.zeros(stats.dim, dtype=torch.bool).index_fill_(0, torch.cat([vis, txt]), True)
+    return vis, txt, torch.nonzero(~used).flatten()
+
+
+def rank_channels(
+    stats: ChannelStats,
+    rule: str,
+    vision_ratio: float,
+    text_ratio: float,
+    num_clusters: int = 3,
+    seed: int = 0,
+    *,
+    device: torch.device | str | None = None,
+    counts: tuple[int, int] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The vision and text channels a rule picks, each in its order of priority (int64, CPU):
+    a rule picking fewer channels of a modality picks (about) a prefix of that order.
 
     ``k_v = ceil(vision_ratio * d)`` and ``k_t = ceil(text_ratio * d)`` channels (ratios in
     [0, 0.5]), or ``counts = (k_v, k_t)`` (the aligned counts of ``layout.plan_site``). Rules:
@@ -504,9 +550,7 @@ def select_channels(
                 first, second = order[:a], order[a : k_v + k_t]
                 vis, txt = (second, first) if text_first else (first, second)
 
-    vis, txt = torch.sort(vis.long().cpu()).values, torch.sort(txt.long().cpu()).values
-    used = torch.zeros(d, dtype=torch.bool).index_fill_(0, torch.cat([vis, txt]), True)
-    return vis, txt, torch.nonzero(~used).flatten()
+    return vis.long().cpu(), txt.long().cpu()
 
 
 def jaccard(a: Tensor | Sequence[int], b: Tensor | Sequence[int]) -> float:

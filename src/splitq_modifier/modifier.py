@@ -35,6 +35,7 @@ from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from splitq_modifier import checks
+from splitq_modifier.allocation import ROWS_PER_MODALITY
 from splitq_modifier.arch import (
     ArchSpec,
     find_sites,
@@ -77,6 +78,9 @@ class SplitQModifier(Modifier):
     :param text_outlier_ratio: fraction of channels on the text-outlier path
     :param channel_multiple: outlier-path widths are multiples of this (kernel K tiles and
         int32 packing; see :mod:`splitq_modifier.layout`); 1 = exactly ``ceil(ratio * d)``
+    :param outlier_widths: ``fixed``: every site's outlier paths at the ratios; ``adaptive``:
+        each site's widths chosen from the calibration data within the same outlier-channel
+        budget per layer (:mod:`splitq_modifier.allocation`)
     :param channel_selection: channel selection rule (``mocd`` or an ablation baseline)
     :param num_clusters: K of MOCD's per-channel k-means
     :param max_text_tokens: text-token rows kept per site for MOCD's text score
@@ -113,6 +117,7 @@ class SplitQModifier(Modifier):
     vision_outlier_ratio: float = Field(default=0.02, ge=0.0, le=0.5)
     text_outlier_ratio: float = Field(default=0.02, ge=0.0, le=0.5)
     channel_multiple: int = Field(default=32, ge=1, le=512)
+    outlier_widths: Literal["fixed", "adaptive"] = "fixed"
     channel_selection: Literal[SELECTION_RULES] = "mocd"
     num_clusters: int = Field(default=3, ge=1, le=16)
     max_text_tokens: int = Field(default=4096, ge=16)
@@ -172,6 +177,7 @@ class SplitQModifier(Modifier):
             for n, m in match_named_modules(model, targets, self.ignore)
             if isinstance(m, torch.nn.Linear)
         }
+        adaptive = self.outlier_widths == "adaptive"
         for name, module in model.named_modules():
             vision = self.quantize_vision and is_vision_layer(name, self._arch)
             if not (vision or is_decoder_layer(name, self._arch)):
@@ -184,7 +190,14 @@ class SplitQModifier(Modifier):
                     self._vision_layers.add(module)
                 self._sites[module] = [
                     Site(
-                        s, lins, ChannelStats(lins[0][1].in_features, self.max_text_tokens), vision
+                        s,
+                        lins,
+                        ChannelStats(
+                            lins[0][1].in_features,
+                            self.max_text_tokens,
+                            max_vision_tokens=ROWS_PER_MODALITY if adaptive else 0,
+                        ),
+                        vision,
                     )
                     for s, lins in sites.items()
                 ]

@@ -11,7 +11,9 @@ writes ``dir/splitq_report/``; ``modifier.write_report(path)`` writes one anywhe
 - ``channel_max.safetensors``: per site, the per-channel max ``|x|`` over vision tokens and
   over text tokens (``<site>.vision_max`` / ``<site>.text_max``), the data of the plots;
 - ``channels/<site>.png`` (with matplotlib): channel magnitude by modality with the selected
-  channels marked (the paper's Fig. 2); ``layer_error.png``: per-layer error before/after.
+  channels marked (the paper's Fig. 2); ``layer_error.png``: per-layer error before/after;
+  ``path_widths.png``: the vision and text path widths of every site (with
+  ``outlier_widths: adaptive``, the fixed ratios' widths beside them).
 
 ``python -m splitq_modifier.report DIR`` prints the report (DIR: a saved model or its
 ``splitq_report`` folder); ``--plot`` draws the PNGs again from the saved data.
@@ -87,6 +89,8 @@ class CalibrationReport:
                 "num_vision_tokens": site.num_vision_tokens,
                 "num_text_tokens": site.num_text_tokens,
             }
+            if site.adaptive is not None:
+                self.sites[key]["adaptive"] = dict(site.adaptive)
             self.channel_max[key] = (site.vision_max, site.text_max)
         self.layers[name] = {
             "loss_before": result.loss_before,
@@ -154,6 +158,8 @@ def collect(modifier: Any, model: Any = None) -> tuple[dict, dict[str, torch.Ten
             "num_vision_tokens": entry.get("num_vision_tokens"),
             "num_text_tokens": entry.get("num_text_tokens"),
         }
+        if "adaptive" in entry:
+            sites[key]["adaptive"] = entry["adaptive"]
     tensors = {}
     for key, (vmax, tmax) in modifier.channel_max.items():
         tensors[f"{key}.vision_max"] = vmax.float().contiguous()
@@ -269,7 +275,35 @@ def plot_report(directory: str, data: dict, tensors: dict[str, torch.Tensor]) ->
     if data["layers"]:
         _plot_layers(plt, os.path.join(directory, "layer_error.png"), data["layers"])
         written.append("layer_error.png")
+    if data["sites"]:
+        _plot_widths(plt, os.path.join(directory, "path_widths.png"), data["sites"])
+        written.append("path_widths.png")
     return written
+
+
+def _plot_widths(plt, path: str, sites: dict) -> None:
+    """Vision and text path widths per site (stacked), the fixed ratios' widths as ticks
+    where the widths were adaptive."""
+    names = list(sites)
+    vis = [sites[n]["sizes"]["vision"] for n in names]
+    txt = [sites[n]["sizes"]["text"] for n in names]
+    x = list(range(len(names)))
+    fig, ax = plt.subplots(figsize=(max(5, 0.18 * len(names) + 3), 3.5))
+    ax.bar(x, vis, color="tab:blue", label="vision path")
+    ax.bar(x, txt, bottom=vis, color="tab:red", label="text path")
+    fixed = [sum(sites[n]["adaptive"]["fixed_widths"]) if "adaptive" in sites[n] else None
+             for n in names]  # fmt: skip
+    if any(f is not None for f in fixed):
+        xs = [i for i, f in enumerate(fixed) if f is not None]
+        ax.scatter(xs, [fixed[i] for i in xs], marker="_", s=80, color="k",
+                   label="fixed ratios (same budget per layer)")  # fmt: skip
+    labels = [f"{_short(sites[n]['layer'])}.{sites[n]['site']}" for n in names]
+    ax.set_xticks(x, labels, rotation=90, fontsize=6)
+    ax.set_ylabel("outlier channels")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _plot_channels(plt, path: str, key: str, site: dict, vmax, tmax) -> None:
