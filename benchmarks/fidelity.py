@@ -108,6 +108,20 @@ def recipe_splitq(wb: int, ab: int, epochs: int = 15, seed: int = 0, **overrides
 
 
 BASE = dict(channel_selection="none", cws_rank_ratio=0.0, mac_rank_ratio=0.0)
+#: mixed precision without SplitQ's own parts: the per-modality max rule's channels kept as
+#: they are (no transform) at the floor's bits, no branches
+MIXED = dict(channel_selection="multi_max", outlier_transforms=False, cws_rank_ratio=0.0,
+             mac_rank_ratio=0.0)  # fmt: skip
+#: a QuIP-style rotation + GPTQ inside the same machinery: fixed random orthogonal Kronecker
+#: rotations (not learned: no training), no smoothing, GPTQ rounding
+ROTATION = dict(channel_selection="none", cws_rank_ratio=0.0, mac_rank_ratio=0.0,
+                smooth_alpha=None, epochs=0)  # fmt: skip
+
+
+def _eqbits(wb: int, ab: int) -> dict:
+    """SplitQ's floor at the nominal bits: outlier paths and branches at ``min(wb, ab)``."""
+    return dict(aux_bits_floor=min(wb, ab))
+
 
 METHODS: dict[str, Callable[..., list]] = {
     "rtn": recipe_rtn,
@@ -118,6 +132,21 @@ METHODS: dict[str, Callable[..., list]] = {
     "splitq": recipe_splitq,  # the recipe defaults
     "splitq-rtn": lambda wb, ab, **kw: recipe_splitq(wb, ab, **kw, weight_rounding="rtn"),
     "splitq-gptq": lambda wb, ab, **kw: recipe_splitq(wb, ab, **kw, weight_rounding="gptq"),
+    # at equal bits (issue: what the floor gives SplitQ)
+    "splitq-eqbits": lambda wb, ab, **kw: recipe_splitq(wb, ab, **{**kw, **_eqbits(wb, ab)}),
+    "base-mp": lambda wb, ab, **kw: recipe_splitq(wb, ab, **{**kw, **MIXED}),
+    "rot-gptq": lambda wb, ab, **kw: recipe_splitq(wb, ab, **{**kw, **ROTATION}),
+    "rot-gptq-mp": lambda wb, ab, **kw: recipe_splitq(
+        wb,
+        ab,
+        **{
+            **kw,
+            **ROTATION,
+            **{k: v for k, v in MIXED.items() if k != "channel_selection"},
+            "channel_selection": "multi_max",
+        },
+    ),
+    "splitq-adaptive": lambda wb, ab, **kw: recipe_splitq(wb, ab, **kw, outlier_widths="adaptive"),
 }
 
 #: The paper's ablations as method name -> SplitQModifier overrides.
@@ -154,6 +183,14 @@ ABLATIONS: dict[str, dict[str, dict]] = {
         "MAC act": dict(mac_input="act"),
     },
     "gates": {"learned gates": {}, "fixed SVD": dict(learn_gates=False)},
+    # the selection rules, fixed and adaptive widths, every other component on (issue 20)
+    "selection_widths": {
+        "mocd": {},
+        "multi_max": dict(channel_selection="multi_max"),
+        "mocd_error": dict(channel_selection="mocd_error"),
+        "multi_max adaptive": dict(channel_selection="multi_max", outlier_widths="adaptive"),
+        "mocd_error adaptive": dict(channel_selection="mocd_error", outlier_widths="adaptive"),
+    },
     # the two best selection rules with every other component on
     "selection_full": {
         "mocd": {},
@@ -236,6 +273,34 @@ def load_bench(name: str, n_calib: int, n_eval: int, seed: int) -> Bench:
     )
 
 
+def effective_bits(model: torch.nn.Module, wb: int, ab: int) -> tuple[float, float]:
+    """``(bits per weight, bits per activation)`` of the quantized language-model linears:
+    stored code bits (paths and branch factors; scales left out) per original weight, and
+    quantized activation code bits (paths, branch inputs and hidden states) per input channel
+    and token; ``(wb, ab)`` for a model without SplitQ linears (every channel at the nominal
+    bits)."""
+    from splitq_modifier.runtime import SplitQSiteLinear
+
+    owners = [m for m in model.modules() if isinstance(m, SplitQSiteLinear) and m.is_owner]
+    if not owners:
+        return float(wb), float(ab)
+    w_bits = w_count = a_bits = a_count = 0
+    for o in owners:
+        p = o.params()
+        d, big_d, km = p.d_in, p.d_out, p.sizes[2]
+        w_bits += big_d * sum(k * b for k, b in zip(p.sizes, p.w_bits))
+        a_bits += sum(k * b for k, b in zip(p.sizes, p.a_bits))
+        for br, mac in ((p.cws, False), (p.mac, True)):
+            if br is None:
+                continue
+            ups = sum(o * r for o, r in zip(p.out_splits, br.ranks))
+            w_bits += (sum(br.ranks) * km + ups) * br.w_bits
+            a_bits += (sum(br.ranks) + (km if mac else 0)) * br.act_bits
+        w_count += d * big_d
+        a_count += d
+    return w_bits / w_count, a_bits / a_count
+
+
 def run_method(bench: Bench, fp: torch.nn.Module, recipe: list, seed: int = 0) -> dict:
     """Quantize a fresh copy of the FP model with ``recipe`` and score it.
 
@@ -261,21 +326,29 @@ def run_method(bench: Bench, fp: torch.nn.Module, recipe: list, seed: int = 0) -
     )
     row = fidelity(fp, model, bench.evals, bench.image_token_id)
     row["seconds"] = time.time() - start
+    wb, ab = next(((m.weight_bits, m.activation_bits) for m in recipe if isinstance(m,
+                   SplitQModifier)), (None, None))  # fmt: skip
+    if wb is None:  # llm-compressor's methods: every channel at the nominal bits
+        args = recipe[-1].config_groups["group_0"]
+        wb = args.weights.num_bits
+        ab = 16 if args.input_activations is None else args.input_activations.num_bits
+    row["bits_w"], row["bits_a"] = effective_bits(model, wb, ab)
     if bench.accuracy is not None:
         row["accuracy"] = bench.accuracy(model)
     return row
 
 
 def _table(setting: str, rows: dict[str, dict], fp_acc: float | None) -> str:
-    head = "| method | KL(FP‖Q) | KL text | KL vision | top-1 | top-1 text |"
-    sep = "|---|---|---|---|---|---|"
+    head = "| method | bits W / A | KL(FP‖Q) | KL text | KL vision | top-1 | top-1 text |"
+    sep = "|---|---|---|---|---|---|---|"
     if fp_acc is not None:
         head += " accuracy | retention |"
         sep += "---|---|"
     lines = [f"\n### {setting}\n", head, sep]
     for name, r in rows.items():
         line = (
-            f"| {name} | {r['kl_all']:.4g} | {r.get('kl_text', float('nan')):.4g} "
+            f"| {name} | {r.get('bits_w', float('nan')):.2f} / {r.get('bits_a', float('nan')):.2f} "
+            f"| {r['kl_all']:.4g} | {r.get('kl_text', float('nan')):.4g} "
             f"| {r.get('kl_vision', float('nan')):.4g} | {r['top1_all']:.3f} "
             f"| {r.get('top1_text', float('nan')):.3f} |"
         )
@@ -293,8 +366,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def _seed_table(setting: str, runs: dict[str, list[dict]], fp_acc: float | None) -> str:
     """Mean +- std over seeds (sample standard deviation)."""
     n = len(next(iter(runs.values())))
-    head = f"| method (n = {n} seeds) | KL(FP‖Q) | top-1 |"
-    sep = "|---|---|---|"
+    head = f"| method (n = {n} seeds) | bits W / A | KL(FP‖Q) | top-1 |"
+    sep = "|---|---|---|---|"
     if fp_acc is not None:
         head += " accuracy retention |"
         sep += "---|"
@@ -302,7 +375,12 @@ def _seed_table(setting: str, runs: dict[str, list[dict]], fp_acc: float | None)
     for name, rows in runs.items():
         kl = _mean_std([r["kl_all"] for r in rows])
         top = _mean_std([r["top1_all"] for r in rows])
-        line = f"| {name} | {kl[0]:.4g} ± {kl[1]:.2g} | {top[0]:.3f} ± {top[1]:.3f} |"
+        bits = (_mean_std([r.get("bits_w", float("nan")) for r in rows])[0],
+                _mean_std([r.get("bits_a", float("nan")) for r in rows])[0])  # fmt: skip
+        line = (
+            f"| {name} | {bits[0]:.2f} / {bits[1]:.2f} | {kl[0]:.4g} ± {kl[1]:.2g} "
+            f"| {top[0]:.3f} ± {top[1]:.3f} |"
+        )
         if fp_acc is not None:
             ret = _mean_std([100 * r["accuracy"] / max(fp_acc, 1e-9) for r in rows])
             line += f" {ret[0]:.1f}% ± {ret[1]:.1f} |"

@@ -246,7 +246,8 @@ class SplitQSettings:
     num_clusters: int = 3
     learn_transforms: bool = True
     rotation_init: bool = True
-    smooth_alpha: float = 0.3
+    smooth_alpha: float | None = 0.3
+    outlier_transforms: bool = True
     cws_rank_ratio: float = 0.02
     mac_rank_ratio: float = 0.03
     learn_gates: bool = True
@@ -401,8 +402,11 @@ def _plan(
     return split, plan
 
 
-def _smoothing(site: Site, alpha: float) -> torch.Tensor:
-    """SmoothQuant-style init of ``c``: ``w_max^(1-a) / x_max^a`` per input channel."""
+def _smoothing(site: Site, alpha: float | None) -> torch.Tensor:
+    """SmoothQuant-style init of ``c``: ``w_max^(1-a) / x_max^a`` per input channel (ones
+    when ``alpha`` is None)."""
+    if alpha is None:
+        return torch.ones(site.stats.dim)
     x_max = torch.maximum(site.stats.vision_max, site.stats.text_max).float().cpu()
     w_max = torch.stack(
         [lin.weight.detach().abs().amax(dim=0).float().cpu() for _, lin in site.linears]
@@ -444,7 +448,9 @@ def _build(
     wbits, abits = settings.path_bits
     smooth = _smoothing(site, settings.smooth_alpha)
     seed = site_seed(settings.seed, f"{name}.{site.name}") if settings.rotation_init else None
-    ss = SplitSite(split, abits, smooth, settings.learn_transforms, seed, plan.dims).to(device)
+    plain = (not settings.outlier_transforms,) * 2 + (False,)
+    ss = SplitSite(split, abits, smooth, settings.learn_transforms, seed, plan.dims, plain)
+    ss = ss.to(device)
 
     def branch(ratio: float, **kw) -> QuantBranch | None:
         if ratio <= 0:

@@ -86,7 +86,10 @@ class SplitQModifier(Modifier):
     :param max_text_tokens: text-token rows kept per site for MOCD's text score
     :param learn_transforms: learn the invertible factors (False: smoothing + clipping only)
     :param rotation_init: start the factors as random rotations (else the identity)
-    :param smooth_alpha: SmoothQuant migration strength of the smoothing-scale init
+    :param smooth_alpha: SmoothQuant migration strength of the smoothing-scale init (None: no
+        smoothing at the start, ``c = 1``)
+    :param outlier_transforms: give the outlier paths their own transforms (False: they are
+        quantized as they are: the mixed-precision ablation, without the split's transforms)
     :param cws_rank_ratio: CWS branch rank as a fraction of full rank (0 disables)
     :param mac_rank_ratio: MAC branch rank as a fraction of full rank (0 disables)
     :param learn_gates: learn the branch gates (False: the fixed-SVD ablation)
@@ -123,7 +126,8 @@ class SplitQModifier(Modifier):
     max_text_tokens: int = Field(default=4096, ge=16)
     learn_transforms: bool = True
     rotation_init: bool = True
-    smooth_alpha: float = Field(default=0.3, ge=0.0, le=1.0)
+    smooth_alpha: float | None = Field(default=0.3, ge=0.0, le=1.0)
+    outlier_transforms: bool = True
     cws_rank_ratio: float = Field(default=0.02, ge=0.0, le=0.5)
     mac_rank_ratio: float = Field(default=0.03, ge=0.0, le=0.5)
     learn_gates: bool = True

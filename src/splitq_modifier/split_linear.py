@@ -135,6 +135,8 @@ class SplitSite(nn.Module):
     :param rotation_seed: start the factors as seeded random rotations (None: identity)
     :param dims: Kronecker factor sizes per path (:mod:`splitq_modifier.layout`); default:
         the most balanced divisor pair of each path's width
+    :param plain: per path, whether it is quantized as it is (no factors, smoothing fixed at
+        1: the mixed-precision ablation of the outlier paths)
     """
 
     def __init__(
@@ -145,6 +147,7 @@ class SplitSite(nn.Module):
         learn_factors: bool = True,
         rotation_seed: int | None = None,
         dims: tuple[tuple[int, ...], ...] | None = None,
+        plain: tuple[bool, bool, bool] = (False, False, False),
     ):
         super().__init__()
         self.sizes = split.sizes
@@ -152,10 +155,12 @@ class SplitSite(nn.Module):
         self.register_buffer("perm", split.perm, persistent=False)
         self.transforms = nn.ModuleList()
         for p, idx in enumerate((split.vision, split.text, split.main)):
-            s = None if smooth is None else smooth[idx]
+            s = None if smooth is None or plain[p] else smooth[idx]
             seed = None if rotation_seed is None else rotation_seed + p
             pd = None if dims is None else dims[p]
-            self.transforms.append(PathTransform(len(idx), s, learn_factors, seed, pd))
+            t = PathTransform(len(idx), s, learn_factors and not plain[p], seed, pd)
+            t.log_c.requires_grad_(not plain[p])
+            self.transforms.append(t)
         self.act_clip_logit = nn.Parameter(torch.full((3,), CLIP_INIT))
         self.quantize = True
         self._memo: tuple | None = None
