@@ -2,11 +2,8 @@
 
 import math
 import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-
-import fidelity  # noqa: E402
+from benchmarks import fidelity
 
 
 def test_fidelity_benchmark_smoke(tmp_path, monkeypatch):
@@ -31,10 +28,38 @@ def test_fidelity_benchmark_smoke(tmp_path, monkeypatch):
     assert list(ladder) == ["base", "+MOCD", "+CWS", "+MAC"]
 
 
-def test_trained_models_are_benchmarks_not_real_model_paths():
-    """The names of the models the benchmark trains itself never reach the real-model
-    evaluation (which would look them up as hub ids)."""
-    assert {"trained", "trained-mm", "trained-mm-wide"} <= set(fidelity.BENCH_MODELS)
+def test_model_names_reach_the_right_loader(monkeypatch):
+    """The benchmark's own model names are built or trained here (never looked up as hub ids
+    by the real-model evaluation), and any other name goes to that evaluation."""
+    import splitq_modifier.evaluate as evaluate
+
+    real = []
+    monkeypatch.setattr(evaluate, "main", lambda argv: real.append(argv) or {"real": True})
+    assert fidelity.main(["--model", "org/some-vlm", "--quantized", "q"]) == {"real": True}
+    assert real == [["--model", "org/some-vlm", "--quantized", "q"]]
+
+    loaded = []
+
+    class Stop(Exception):
+        pass
+
+    def load_or_train(**kw):
+        loaded.append(kw)
+        raise Stop
+
+    import benchmarks.train_tiny_vlm as tv
+
+    monkeypatch.setattr(tv, "load_or_train", load_or_train)
+    monkeypatch.setitem(__import__("sys").modules, "train_tiny_vlm", tv)
+    monkeypatch.setattr(fidelity, "build_tiny_vlm", lambda *a, **k: (_ for _ in ()).throw(Stop()))
+    for name in fidelity.BENCH_MODELS:
+        try:
+            fidelity.load_bench(name, 2, 2, 0)
+        except Stop:
+            pass
+    assert real == [["--model", "org/some-vlm", "--quantized", "q"]]  # no bench name went there
+    trained = [n for n in fidelity.BENCH_MODELS if n.startswith("trained")]
+    assert len(loaded) == len(trained) >= 4
 
 
 def test_replot_redraws_a_saved_run(tmp_path):

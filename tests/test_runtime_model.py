@@ -13,6 +13,7 @@ import pytest
 import torch
 from llmcompressor import oneshot
 
+from benchmarks.op_count import top_level_ops  # the benchmark's op counter
 from splitq_modifier import SplitQModifier
 from splitq_modifier.runtime import SplitQSiteLinear
 from splitq_modifier.testing.tiny import (
@@ -22,9 +23,6 @@ from splitq_modifier.testing.tiny import (
     collate,
     synthetic_samples,
 )
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-from op_count import top_level_ops  # noqa: E402  (the benchmark's op counter)
 
 
 @pytest.fixture(scope="module")

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import train_tiny_vlm as tv  # noqa: E402
+from benchmarks import train_tiny_vlm as tv
 
 
 @pytest.fixture(scope="module")

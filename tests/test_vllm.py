@@ -30,12 +30,12 @@ failure.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks import vllm_engine as ve  # the benchmark's harness
 from splitq_modifier.format import FORMAT_VERSION
 from splitq_modifier.vllm.shard import (
     ROW_ORDER_VERSIONS,
@@ -44,9 +44,6 @@ from splitq_modifier.vllm.shard import (
     full_layout,
     row_layout,
 )
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-import vllm_engine as ve  # noqa: E402  (the benchmark's harness)
 
 ATOL = 1e-4
 
