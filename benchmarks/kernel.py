@@ -70,7 +70,7 @@ from splitq_modifier.widths import REAL_MODELS, ModelWidths, site_widths  # noqa
 
 TOKENS = (1, 16, 2048, 8192)
 SITES = ("attn_in", "attn_out", "mlp_in", "mlp_down")
-#: HBM bandwidth (B/s; DESIGN.md section 6). Both have 132 SMs and the same tensor-core peaks
+#: HBM bandwidth (B/s, the datasheets). Both have 132 SMs and the same tensor-core peaks
 #: (989 bf16 TFLOP/s, 1979 int8 TOP/s dense): see ``CLOCK_HZ`` and ``MAC_PER_CLK``.
 GPUS = {"H100 SXM": {"hbm": 3.35e12}, "H200 SXM": {"hbm": 4.8e12}}
 
@@ -299,7 +299,7 @@ L2_BYTES = 50e6
 #: Tensor-core multiply-adds per clock per SM (dense): int8, bf16/fp16, TF32.
 MAC_PER_CLK = {"int8": 4096, "bf16": 2048, "fp8": 4096, "tf32": 1024}
 #: Share of the tensor-core peak reached, on both sides: the bf16 GEMMs measured on this
-#: workplace's H100 (~798 of 989 TFLOP/s, DESIGN.md section 7).
+#: workplace's H100 (~798 of 989 TFLOP/s).
 TENSOR_EFF = 798 / 989
 #: Share of the bf16 peak reached by SDPA (flash) attention, causal, head dim 128: an
 #: assumption between FlashAttention-2 (~35-40 %) and FlashAttention-3 (~60-75 %) on H100.

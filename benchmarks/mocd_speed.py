@@ -19,7 +19,7 @@ What it does:
    before, from git history) is loaded from its file and its ``select_channels`` timed on the
    same statistics, run right after ours (same load); the two text selections are compared
    (Jaccard), and on the subset below its inertias serve as the optimum.
-4. The reference of DESIGN.md, scikit-learn's ``KMeans(n_clusters=K, n_init=10)`` fitted
+4. The reference, scikit-learn's ``KMeans(n_clusters=K, n_init=10)`` fitted
    channel by channel on the same rank matrix, is far too slow for all channels: it is run on
    a random subset of ``--subset`` channels (always including the planted text channels),
    timed there and extrapolated linearly to all ranked channels (the output says so).

@@ -1,6 +1,6 @@
 """Train a tiny LLaVA-style VLM on a synthetic visual question task, with planted outliers.
 
-Part of the fidelity benchmark (DESIGN.md section 5 (b)): no real VLM weights can be downloaded
+Part of the fidelity benchmark: no real VLM weights can be downloaded
 here, so quantization methods are compared on a tiny VLM that this script trains itself, on a
 visual question task that it renders itself. Before training, modality-specific outlier channels
 are planted in the language model's hidden state and kept frozen, so that the trained model has to

@@ -1,7 +1,7 @@
 """Shared Triton helpers: rounding, symmetric quantization, unpacking of dense-packed codes,
 per-segment quantization of the branch hidden states.
 
-Interpreter notes (DESIGN.md section 4): under ``TRITON_INTERPRET=1`` bf16 arithmetic is wrong,
+Interpreter notes (verified on Triton 3.9): under ``TRITON_INTERPRET=1`` bf16 arithmetic is wrong,
 so every load is converted to fp32 at once; ``libdevice.rint`` fails, so rounding is written
 with ``floor``/``where``. Divisions that decide a quantization code use ``tl.div_rn`` (IEEE
 round-to-nearest) so that GPU results match the torch reference bit for bit.

@@ -2,7 +2,7 @@
 site's linears, with the low-rank up-projections and the bias in the epilogue.
 
 Hopper has no int4 tensor-core MMA, so each weight tile is unpacked to int8 in registers and fed
-to an int8 ``tl.dot`` with int32 accumulation (DESIGN.md section 4). The product is computed
+to an int8 ``tl.dot`` with int32 accumulation. The product is computed
 transposed, ``y^T = W qx^T``: the unpacked weight tile is the left operand (on Hopper, WGMMA
 reads only its A operand from registers, so the unpacked tile needs no trip through shared
 memory) and the tokens are the N side, which can be as small as 16 (decode).

@@ -1,4 +1,4 @@
-"""Tests for splitq_modifier.mocd (MOCD channel selection, DESIGN.md section 1.2)."""
+"""Tests for splitq_modifier.mocd (MOCD channel selection, paper section 4.2)."""
 
 from __future__ import annotations
 
