@@ -172,7 +172,7 @@ def test_example_leaves_the_report_next_to_the_model(family, runs):
         path = os.path.join(directory, rel)
         assert os.path.getsize(path) > 1000, path
         assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    assert len(data["plots"]) == len(data["sites"]) + 1  # one per site + per-layer error
+    assert len(data["plots"]) == len(data["sites"]) + 2  # one per site, layer error, widths
 
 
 # ------------------------------------------------------------------ evaluation entry point

@@ -93,8 +93,8 @@ def test_channel_maxima_show_the_planted_outliers(run):
 def test_plots_exist_and_are_pngs(run):
     directory = os.path.join(run["out"], "splitq_report")
     data = _load(directory)
-    assert len(data["plots"]) == 8 + 1
-    assert "layer_error.png" in data["plots"]
+    assert len(data["plots"]) == 8 + 2
+    assert "layer_error.png" in data["plots"] and "path_widths.png" in data["plots"]
     for rel in data["plots"]:
         path = os.path.join(directory, rel)
         with open(path, "rb") as f:
