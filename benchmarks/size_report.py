@@ -12,7 +12,11 @@
    ``save_pretrained`` writes): packed codes, scales, permutation, smoothing, factors,
    activation clips, branches, biases (Qwen's q/k/v), plus the layer's two RMSNorm weights
    at 2 bytes. Effective bits per weight = 8 * stored bytes / linear weights.
-2. ``--checkpoint DIR``: the same count from a saved model's config, checked against the
+2. ``--adaptive``: the largest size ``outlier_widths: adaptive`` can give a layer: its fixed
+   outlier-channel budget placed, within each site's candidate widths
+   (:mod:`splitq_modifier.allocation`), where it costs the most bytes (a bound: the data
+   decide the real placement).
+3. ``--checkpoint DIR``: the same count from a saved model's config, checked against the
    bytes of those tensors in its safetensors files.
 """
 
@@ -23,8 +27,9 @@ import math
 import os
 
 from splitq_modifier.acc import branch_rank
+from splitq_modifier.allocation import candidate_widths
 from splitq_modifier.format.spec import BranchSpec, LinearSpec
-from splitq_modifier.layout import plan_site
+from splitq_modifier.layout import SitePlan, balanced_plan, plan_site
 from splitq_modifier.widths import REAL_MODELS, ModelWidths, site_widths
 
 CATEGORIES = ("codes", "scales", "transforms", "cws", "mac", "bias")
@@ -53,9 +58,17 @@ def site_spec(
     mac: float,
     bias: bool,
     floor: int = 4,
-) -> LinearSpec:
-    """The owner's spec of a site laid out with SplitQ's defaults."""
+    widths: tuple[int, int] | None = None,
+) -> LinearSpec | None:
+    """The owner's spec of a site laid out with SplitQ's defaults (``widths``: given outlier
+    widths, None when their main path has no balanced factorisation)."""
     plan = plan_site(d, outs, 0.02, 0.02)
+    if widths is not None:
+        sizes = (*widths, d - sum(widths))
+        dims = balanced_plan(sizes, outs)
+        if dims is None:
+            return None
+        plan = SitePlan(sizes, dims, plan.linear_macs)
     aux = max(wbits, floor)
     ranks = lambda ratio: tuple(branch_rank(ratio, o, plan.sizes[2]) for o in outs)  # noqa: E731
     return LinearSpec(
@@ -80,14 +93,48 @@ def spec_bytes(spec: LinearSpec) -> dict[str, int]:
     return out
 
 
-def layer_report(m: ModelWidths, bits: str, cws: float, mac: float, verbose: bool) -> float:
-    """Effective bits per weight of one decoder layer of ``m`` (printed per site if verbose)."""
+def largest_adaptive_widths(m: ModelWidths, wb: int, ab: int, cws: float, mac: float,
+                            bias: bool) -> dict[str, tuple[int, int]]:  # fmt: skip
+    """Per site, the outlier widths that make the layer largest within its fixed budget."""
+    sites = site_widths(m)
+    options = {}
+    budget = 0
+    for site, (d, outs) in sites.items():
+        fixed = plan_site(d, outs, 0.02, 0.02).sizes[:2]
+        budget += sum(fixed)
+        step = 32 if all(k % 32 == 0 for k in fixed) else 1
+        opts = []
+        for kv in candidate_widths(fixed[0], d, step):
+            for kt in candidate_widths(fixed[1], d, step):
+                spec = site_spec(d, outs, wb, ab, cws, mac, bias and site == "attn_in", 4,
+                                 (kv, kt))  # fmt: skip
+                if spec is not None:
+                    opts.append((kv + kt, (kv, kt), sum(spec_bytes(spec).values())))
+        options[site] = opts
+    best: dict[int, tuple[int, dict]] = {0: (0, {})}
+    for site, opts in options.items():
+        nxt: dict[int, tuple[int, dict]] = {}
+        for spent, (size, choice) in best.items():
+            for channels, widths, b in opts:
+                c = spent + channels
+                if c <= budget and (c not in nxt or size + b > nxt[c][0]):
+                    nxt[c] = (size + b, {**choice, site: widths})
+        best = nxt
+    return max(best.values(), key=lambda v: v[0])[1]
+
+
+def layer_report(m: ModelWidths, bits: str, cws: float, mac: float, verbose: bool,
+                 adaptive: bool = False) -> float:  # fmt: skip
+    """Effective bits per weight of one decoder layer of ``m`` (printed per site if verbose);
+    ``adaptive``: the largest the adaptive widths can make it."""
     wb, ab = (int(x) for x in bits[1:].split("A"))
     bias = m.model_type.startswith("qwen2")  # Qwen2/2.5 (and InternVL3's Qwen2.5) q/k/v bias
     total = dict.fromkeys(CATEGORIES, 0)
     weights = 0
+    widths = largest_adaptive_widths(m, wb, ab, cws, mac, bias) if adaptive else {}
     for site, (d, outs) in site_widths(m).items():
-        spec = site_spec(d, outs, wb, ab, cws, mac, bias and site == "attn_in")
+        spec = site_spec(d, outs, wb, ab, cws, mac, bias and site == "attn_in", 4,
+                         widths.get(site))  # fmt: skip
         b = spec_bytes(spec)
         n_w = d * sum(outs)
         weights += n_w
@@ -142,13 +189,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--cws-rank-ratio", type=float, default=0.02)
     ap.add_argument("--mac-rank-ratio", type=float, default=0.03)
     ap.add_argument("--checkpoint", default=None, help="a saved splitq-packed model folder")
+    ap.add_argument(
+        "--adaptive",
+        action="store_true",
+        help="the largest layer the adaptive widths can give (within its budget)",
+    )
     ap.add_argument("--verbose", action="store_true", help="per-site byte breakdown")
     args = ap.parse_args(argv)
     if args.checkpoint:
         checkpoint_report(args.checkpoint)
         return {}
     names = args.model or list(REAL_MODELS)
-    print(f"SplitQ {args.bits}, outliers 2%+2% (aligned), CWS {args.cws_rank_ratio:.0%}, "
+    how = "adaptive widths, worst case" if args.adaptive else "outliers 2%+2% (aligned)"
+    print(f"SplitQ {args.bits}, {how}, CWS {args.cws_rank_ratio:.0%}, "
           f"MAC {args.mac_rank_ratio:.0%}: effective bits per weight of one decoder layer, "
           "everything stored counted\n")  # fmt: skip
     print(f"{'model':<24}{'hidden':>7}{'inter':>7}{'bits/w':>8}{'vs fp16':>9}")
@@ -159,7 +212,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             print(f"{name}:")
             head = "".join(f"{c:>12}" for c in CATEGORIES)
             print(f"  {'site':<9}{'d_in x d_out':>15}{'paths v/t/m':>22}{head}{'bits/w':>9}")
-        bpw = layer_report(m, args.bits, args.cws_rank_ratio, args.mac_rank_ratio, args.verbose)
+        bpw = layer_report(m, args.bits, args.cws_rank_ratio, args.mac_rank_ratio, args.verbose,
+                           args.adaptive)  # fmt: skip
         out[name] = bpw
         print(f"{name:<24}{m.hidden:>7}{m.intermediate:>7}{bpw:>8.3f}{16 / bpw:>8.2f}x")
     worst = max(v for k, v in out.items() if REAL_MODELS[k].hidden >= 1024)
