@@ -56,7 +56,6 @@ from splitq_modifier.format.spec import (
     LinearSpec,
     SplitQFormatError,
     is_splitq_scheme,
-    upgrade_site_tensors,
 )
 from splitq_modifier.format.validate import (
     check_model_against_specs,
@@ -66,7 +65,6 @@ from splitq_modifier.format.validate import (
 )
 from splitq_modifier.runtime.modules import (
     ModalityContext,
-    SiteBranch,
     SplitQSiteLinear,
     attach_modality_context,
 )
@@ -209,23 +207,12 @@ def _tensor(module: nn.Module, local: str, shape, dtype, where: str) -> torch.Te
     return t
 
 
-def _branch(
-    module: nn.Module, prefix: str, spec: Any, d_out: int, km: int, where: str
-) -> SiteBranch | None:
-    if spec is None:
-        return None
-    shapes = SiteBranch.tensor_shapes(spec.ranks, km, d_out, spec.bits)
-    ts = {k: _tensor(module, f"{prefix}.{k}", *shapes[k], where) for k in shapes}
-    return SiteBranch(
-        ts["down_packed"], ts["down_scale"], ts["up_packed"], ts["up_scale"], spec.ranks,
-        spec.bits, spec.input,
-    )  # fmt: skip
-
-
-def _owner_from_tensors(name: str, tensors: dict, **kwargs: Any) -> SplitQSiteLinear:
+def _owner_from_tensors(
+    name: str, spec: LinearSpec, tensors: dict, context: ModalityContext
+) -> SplitQSiteLinear:
     """The site owner built from its loaded tensors, after checking their values."""
     try:
-        owner = SplitQSiteLinear.owner_from_tensors(tensors, **kwargs)
+        owner = spec.build_owner(tensors, context=context)
     except ValueError as e:  # shapes the header check could not see (no safetensors files)
         raise SplitQFormatError(f"splitq-packed linear {name}: {e}. {_FIX}") from e
     problems = site_value_problems(owner)
@@ -281,23 +268,8 @@ def convert_loaded_model(model: nn.Module, context: ModalityContext | None = Non
                 f"{spec.members[spec.index]!r} of its site. {_FIX}"
             )
         if spec.index == 0:
-            direct = {k: v for k, v in expected.items() if "." not in k}
-            tensors = {k: _tensor(module, k, *v, name) for k, v in direct.items()}
-            upgrade_site_tensors(tensors, spec)
-            big_d = sum(spec.out_splits)
-            new = _owner_from_tensors(
-                name,
-                tensors,
-                sizes=spec.sizes,
-                dims=spec.factors,
-                out_splits=spec.out_splits,
-                w_bits=spec.weight_bits,
-                a_bits=spec.act_bits,
-                members=spec.members,
-                cws=_branch(module, "cws", spec.cws, big_d, spec.sizes[2], name),
-                mac=_branch(module, "mac", spec.mac, big_d, spec.sizes[2], name),
-                context=context,
-            )
+            tensors = {k: _tensor(module, k, *v, name) for k, v in expected.items()}
+            new = _owner_from_tensors(name, spec, tensors, context)
         else:
             owner = getattr(parent, spec.site, None)
             if not isinstance(owner, SplitQSiteLinear) or not owner.is_owner:

@@ -291,6 +291,39 @@ class LinearSpec:
                 out.update({f"{name}.{k}": v for k, v in shapes.items()})
         return out
 
+    def build_owner(
+        self,
+        tensors: dict[str, torch.Tensor],
+        out_splits: tuple[int, ...] | None = None,
+        context: Any = None,
+    ) -> SplitQSiteLinear:
+        """The site owner from its stored tensors (local names as :meth:`tensor_shapes`;
+        branch tensors as ``cws.*`` / ``mac.*``), converted from this spec's format version
+        first; ``out_splits``: this process's rows of the site (tensor parallelism). Raises
+        ``ValueError`` on tensors that do not fit the spec."""
+        direct = {k: v for k, v in tensors.items() if "." not in k}
+        upgrade_site_tensors(direct, self)
+
+        def branch(kind: str, b: BranchSpec | None) -> SiteBranch | None:
+            if b is None:
+                return None
+            ts = [tensors[f"{kind}.{k}"] for k in ("down_packed", "down_scale", "up_packed",
+                                                    "up_scale")]  # fmt: skip
+            return SiteBranch(*ts, b.ranks, b.bits, b.input)
+
+        return SplitQSiteLinear.owner_from_tensors(
+            direct,
+            sizes=self.sizes,
+            dims=self.factors,
+            out_splits=tuple(out_splits or self.out_splits),
+            w_bits=self.weight_bits,
+            a_bits=self.act_bits,
+            members=self.members,
+            cws=branch("cws", self.cws),
+            mac=branch("mac", self.mac),
+            context=context,
+        )
+
 
 def is_splitq_scheme(scheme: Any) -> bool:
     """Whether a QuantizationScheme (or its dict form) uses the splitq-packed format."""

@@ -35,9 +35,9 @@ from vllm.model_executor.layers.linear import (
 )
 from vllm.model_executor.utils import set_weight_attrs
 
-from splitq_modifier.format.spec import LinearSpec, SplitQFormatError, upgrade_site_tensors
+from splitq_modifier.format.spec import LinearSpec, SplitQFormatError
 from splitq_modifier.format.validate import describe_problems, site_value_problems
-from splitq_modifier.runtime import SiteBranch, SplitQSiteLinear, site_linear
+from splitq_modifier.runtime import site_linear
 from splitq_modifier.vllm.modality import MASK_BUFFER, make_text_mask
 from splitq_modifier.vllm.shard import (
     ShardLayout,
@@ -194,29 +194,8 @@ class SplitQLinearMethod(LinearMethodBase):
             holder, _, attr = name.rpartition(".")
             tensors[name] = getattr(layer.get_submodule(holder) if holder else layer, attr).data
 
-        def branch(kind: str, b: Any) -> SiteBranch | None:
-            if b is None:
-                return None
-            return SiteBranch(
-                tensors[f"{kind}.down_packed"], tensors[f"{kind}.down_scale"],
-                tensors[f"{kind}.up_packed"], tensors[f"{kind}.up_scale"],
-                b.ranks, b.bits, b.input,
-            )  # fmt: skip
-
-        direct = {k: v for k, v in tensors.items() if "." not in k}
-        upgrade_site_tensors(direct, spec)  # older format versions: repacked in place
         try:
-            owner = SplitQSiteLinear.owner_from_tensors(
-                direct,
-                sizes=spec.sizes,
-                dims=spec.factors,
-                out_splits=local.out_splits,
-                w_bits=spec.weight_bits,
-                a_bits=spec.act_bits,
-                members=spec.members,
-                cws=branch("cws", spec.cws),
-                mac=branch("mac", spec.mac),
-            )
+            owner = spec.build_owner(tensors, out_splits=local.out_splits)
         except ValueError as e:
             raise SplitQFormatError(f"splitq-packed linear {self.prefix}: {e}") from e
         problems = site_value_problems(owner)
