@@ -59,7 +59,6 @@ from splitq_modifier.testing.tiny import (
 CASES = {
     "llava-w4a8-lmhead_w8a8": ("llava", 4, 8, True, "W8A8"),
     "llava-w4a4": ("llava", 4, 4, True, None),
-    "llava-w3a3": ("llava", 3, 3, True, None),
     "llava-w3a2": ("llava", 3, 2, True, None),
     "qwen-w4a4-lmhead_w4a16": ("qwen2_5_vl", 4, 4, True, "W4A16"),
     "qwen-w3a2-no_branches": ("qwen2_5_vl", 3, 2, False, None),
@@ -276,8 +275,8 @@ def test_recipe_reparses(saved):
 
 
 def test_same_model_and_seed_give_identical_bytes(saved, tmp_path):
-    path, model, _, _ = saved["llava-w3a3"]
-    tiny = _calibrate("llava-w3a3", tmp_path)  # same builder seed and SplitQ seed
+    path, model, _, _ = saved["llava-w3a2"]
+    tiny = _calibrate("llava-w3a2", tmp_path)  # same builder seed and SplitQ seed
     tiny.model.save_pretrained(str(tmp_path / "again"), save_compressed=True)
     model.save_pretrained(str(tmp_path / "resaved"), save_compressed=True)  # second save
 
@@ -382,7 +381,7 @@ def _as_version_2(path: Path, model) -> int:
 def test_version_2_checkpoint_is_converted_at_load(saved, tmp_path):
     """A version-2 checkpoint (dense path weights) loads: its path weights are repacked, the
     logits equal the in-memory model's, and a save of the loaded model writes version 3."""
-    case = "llava-w3a3"  # 3-bit main path, 4-bit outlier paths
+    case = "llava-w3a2"  # 3-bit main path, 4-bit outlier paths
     path, model, sample, expected = saved[case]
     old = _copy(saved, tmp_path, case)
     assert _as_version_2(old, model) > 0
