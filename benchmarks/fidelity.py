@@ -454,7 +454,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tables give mean +- std",
     )  # fmt: skip
     p.add_argument("--tag", default="", help="suffix of the output file names")
-    p.add_argument("--out", default="benchmarks/out")
+    p.add_argument("--out", default="docs/results")
     p.add_argument("--replot", metavar="JSON", help="redraw the PNG of a saved run and exit")
     args = p.parse_args(argv)
     if args.replot:

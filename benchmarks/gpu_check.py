@@ -26,7 +26,7 @@ Phases (GPU):
    attention, SiLU gate and residuals), SplitQ vs bf16, at 1, 16, 2048 and 8192 tokens; CUDA
    graphs (``triton.testing.do_bench_cudagraph``) at 1-16 tokens, ``do_bench`` above.
 
-Writes ``benchmarks/out/gpu_check_<card>.json`` (or ``--out``): the card's name, versions,
+Writes ``docs/results/gpu_check_<card>.json`` (or ``--out``): the card's name, versions,
 every check with its numbers and verdict, every timing, errors (a kernel that fails to
 compile or run is recorded, and the rest goes on), and each phase's duration.
 
@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         result["phases_s"]["timings"] = round(time.time() - t0, 1)
     result["phases_s"]["total"] = round(time.time() - t_start, 1)
     safe = "".join(c if c.isalnum() else "_" for c in card).strip("_")
-    out = args.out or str(ROOT / "benchmarks" / "out" / f"gpu_check_{safe}.json")
+    out = args.out or str(ROOT / "docs" / "results" / f"gpu_check_{safe}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=1)

@@ -36,3 +36,28 @@ def test_no_source_cites_the_internal_design_notes() -> None:
         if "DESIGN.md" in path.read_text():
             cites.append(str(path.relative_to(ROOT)))
     assert cites == []
+
+
+def test_product_modules_do_not_import_the_test_scaffolding() -> None:
+    package = ROOT / "src" / "splitq_modifier"
+    importers = []
+    for path in [*package.rglob("*.py"), *ROOT.glob("kernels/*.py")]:
+        if (package / "testing") in path.parents:
+            continue
+        text = path.read_text()
+        if re.search(r"(splitq_modifier|^from \.+)\.?testing\b", text, flags=re.M):
+            importers.append(str(path.relative_to(ROOT)))
+    assert importers == []
+
+
+def test_readme_layout_table_names_paths_that_exist() -> None:
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## Layout", 1)[1].split("\n\n", 2)[1]
+    missing = []
+    for row in table.splitlines()[2:]:
+        first, *others = re.findall(r"`([^`]+)`", row.split("|")[1])
+        folder = first.rstrip("/").rpartition("/")[0]  # later names are siblings of the first
+        for path in [first, *(f"{folder}/{name}" for name in others)]:
+            if not (ROOT / path).exists():
+                missing.append(path)
+    assert missing == []
