@@ -301,6 +301,18 @@ def effective_bits(model: torch.nn.Module, wb: int, ab: int) -> tuple[float, flo
     return w_bits / w_count, a_bits / a_count
 
 
+def outlier_widths(model: torch.nn.Module) -> dict[str, list[int]]:
+    """``{site: [vision width, text width]}`` of the SplitQ sites (the owners' module names);
+    empty for other methods."""
+    from splitq_modifier.runtime import SplitQSiteLinear
+
+    return {
+        name: list(m.params().sizes[:2])
+        for name, m in model.named_modules()
+        if isinstance(m, SplitQSiteLinear) and m.is_owner
+    }
+
+
 def run_method(bench: Bench, fp: torch.nn.Module, recipe: list, seed: int = 0) -> dict:
     """Quantize a fresh copy of the FP model with ``recipe`` and score it.
 
@@ -333,6 +345,7 @@ def run_method(bench: Bench, fp: torch.nn.Module, recipe: list, seed: int = 0) -
         wb = args.weights.num_bits
         ab = 16 if args.input_activations is None else args.input_activations.num_bits
     row["bits_w"], row["bits_a"] = effective_bits(model, wb, ab)
+    row["widths"] = outlier_widths(model)
     if bench.accuracy is not None:
         row["accuracy"] = bench.accuracy(model)
     return row
@@ -444,6 +457,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--ablation", choices=list(ABLATIONS), help="run a SplitQ ablation instead")
+    p.add_argument("--variants", nargs="+", help="only these entries of the ablation")
     p.add_argument("--calib", type=int, default=32)
     p.add_argument("--eval", type=int, default=32)
     p.add_argument("--epochs", type=int, default=15, help="SplitQ epochs per layer")
@@ -476,7 +490,10 @@ def main(argv: list[str] | None = None) -> dict:
             recipes = {
                 name: (lambda sd, o=o, wb=wb, ab=ab: recipe_splitq(wb, ab, args.epochs, sd, **o))
                 for name, o in ABLATIONS[args.ablation].items()
+                if not args.variants or name in args.variants
             }
+            if not recipes:
+                p.error(f"--variants: none of {args.variants} in {list(ABLATIONS[args.ablation])}")
         else:
             recipes = {
                 name: (

@@ -30,6 +30,10 @@ def test_fidelity_benchmark_smoke(tmp_path, monkeypatch):
     # base-mp: 2 + 2 of 64 channels at the 4-bit floor, no branches
     assert rows["base-mp"]["bits_a"] == pytest.approx((4 * 4 + 60 * 3) / 64, abs=0.05)
     assert rows["splitq"]["bits_a"] > rows["base-mp"]["bits_a"]  # the branches' activations
+    # per-site outlier widths of the SplitQ runs: ceil(2% of the site's width) per path
+    assert rows["quip"]["widths"] == {}
+    widths = {k.rsplit(".", 1)[1]: w for k, w in rows["splitq"]["widths"].items()}
+    assert widths == {"q_proj": [2, 2], "o_proj": [2, 2], "gate_proj": [2, 2], "down_proj": [3, 3]}
     assert os.path.exists(os.path.join(out, "fidelity_planted_methods.json"))
 
 
