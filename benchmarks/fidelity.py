@@ -134,6 +134,11 @@ METHODS: dict[str, Callable[..., list]] = {
     "splitq-gptq": lambda wb, ab, **kw: recipe_splitq(wb, ab, **kw, weight_rounding="gptq"),
     # at equal bits (issue: what the floor gives SplitQ)
     "splitq-eqbits": lambda wb, ab, **kw: recipe_splitq(wb, ab, **{**kw, **_eqbits(wb, ab)}),
+    # and without MAC, whose input (the main path's activation residual) is a second
+    # quantized activation of the main path's width: equal bits per activation too
+    "splitq-eqbits-cws": lambda wb, ab, **kw: recipe_splitq(
+        wb, ab, **{**kw, **_eqbits(wb, ab), "mac_rank_ratio": 0.0}
+    ),
     "base-mp": lambda wb, ab, **kw: recipe_splitq(wb, ab, **{**kw, **MIXED}),
     "rot-gptq": lambda wb, ab, **kw: recipe_splitq(wb, ab, **{**kw, **ROTATION}),
     "rot-gptq-mp": lambda wb, ab, **kw: recipe_splitq(
