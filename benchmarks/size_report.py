@@ -27,7 +27,7 @@ import math
 import os
 
 from splitq_modifier.acc import branch_rank
-from splitq_modifier.allocation import candidate_widths
+from splitq_modifier.allocation import candidate_widths, stores_no_more_blocks
 from splitq_modifier.format.spec import BranchSpec, LinearSpec
 from splitq_modifier.layout import SitePlan, balanced_plan, plan_site
 from splitq_modifier.widths import REAL_MODELS, ModelWidths, site_widths
@@ -106,6 +106,8 @@ def largest_adaptive_widths(m: ModelWidths, wb: int, ab: int, cws: float, mac: f
         opts = []
         for kv in candidate_widths(fixed[0], d, step):
             for kt in candidate_widths(fixed[1], d, step):
+                if not stores_no_more_blocks((kv, kt), fixed, d):
+                    continue
                 spec = site_spec(d, outs, wb, ab, cws, mac, bias and site == "attn_in", 4,
                                  (kv, kt))  # fmt: skip
                 if spec is not None:

@@ -8,7 +8,13 @@ import itertools
 import pytest
 import torch
 
-from splitq_modifier.allocation import SiteCandidates, allocate, candidate_widths, proxy_errors
+from splitq_modifier.allocation import (
+    SiteCandidates,
+    allocate,
+    candidate_widths,
+    proxy_errors,
+    stores_no_more_blocks,
+)
 
 D = 128
 
@@ -67,6 +73,24 @@ def test_candidates_are_aligned_and_capped() -> None:
     assert len(c) <= 12
     assert candidate_widths(0, 4096, 32) == [0]
     assert candidate_widths(3, 128, 1) == [0, 1, 2, 3, 4, 6, 7, 9, 12]
+
+
+def test_no_candidate_stores_more_weight_blocks_than_the_fixed_widths() -> None:
+    """Paths are packed in whole 64-channel blocks: at d = 6144 the fixed (128, 128) fill
+    6144 / 64 blocks exactly, so (32, 64) (two partial blocks and a partial main path) is
+    refused, (64, 64) and (0, 0) are not; at d = 2048 the fixed (32, 32) already pad."""
+    assert not stores_no_more_blocks((32, 64), (128, 128), 6144)
+    assert stores_no_more_blocks((64, 64), (128, 128), 6144)
+    assert stores_no_more_blocks((0, 0), (128, 128), 6144)
+    assert stores_no_more_blocks((32, 64), (32, 32), 2048)
+    gen = torch.Generator().manual_seed(0)
+    d = 6144
+    x = torch.randn(32, d, generator=gen)
+    order = torch.arange(d)
+    site = proxy_errors("s", x, x, torch.ones(d), order, order, (128, 128), 32, [2048], (4, 4))
+    assert (128, 128) in site.errors and (0, 0) in site.errors
+    assert all(stores_no_more_blocks(w, (128, 128), d) for w in site.errors)
+    assert (32, 64) not in site.errors
 
 
 def test_ranks_choose_the_same_widths(tmp_path) -> None:

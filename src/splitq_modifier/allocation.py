@@ -8,7 +8,9 @@ instead, one decoder layer at a time:
    fixed width, at most a quarter of the site), in steps of the fixed layout's alignment
    (``channel_multiple`` at real widths, 1 at toy widths), on a grid that thins out
    geometrically; a candidate whose main path has no balanced Kronecker factorisation within
-   the layout's cost budget is skipped (:func:`splitq_modifier.layout.balanced_plan`).
+   the layout's cost budget is skipped (:func:`splitq_modifier.layout.balanced_plan`), and
+   so is one that would store more weight blocks than the fixed widths
+   (:func:`stores_no_more_blocks`: the packed format pads each path to whole blocks).
 2. **Proxy error.** For each candidate, the channels are the selection rule's first picks
    (:func:`splitq_modifier.mocd.rank_channels`: prefixes of each modality's order of
    priority), and the proxy is the per-token quantization error the split leaves on sampled
@@ -42,7 +44,7 @@ import torch
 from torch import Tensor
 
 from splitq_modifier.layout import balanced_plan, kron_dims
-from splitq_modifier.runtime.quant import apply_kron
+from splitq_modifier.runtime.quant import MMA_BLOCK, apply_kron
 
 __all__ = [
     "MIN_GAIN",
@@ -51,6 +53,7 @@ __all__ = [
     "allocate",
     "candidate_widths",
     "proxy_errors",
+    "stores_no_more_blocks",
 ]
 
 #: A wider outlier path must lower its site's proxy error by at least this fraction.
@@ -76,6 +79,18 @@ def candidate_widths(fixed: int, d: int, step: int) -> list[int]:
         ratio = n ** (1 / (MAX_CANDIDATES - 2))
         mults = sorted({0, 1, *(round(ratio**i) for i in range(1, MAX_CANDIDATES - 1)), n})
     return [m * step for m in mults]
+
+
+def stores_no_more_blocks(widths: tuple[int, int], fixed: tuple[int, int], d: int) -> bool:
+    """Whether paths ``widths`` (and the main path, the rest of ``d``) store no more weight
+    blocks than the fixed widths' paths: each path's weights are packed in whole blocks of
+    :data:`~splitq_modifier.runtime.quant.MMA_BLOCK` input channels, so a candidate that
+    splits a site into more partial blocks would grow its codes beyond the fixed layout's."""
+
+    def blocks(kv: int, kt: int) -> int:
+        return sum(-(-k // MMA_BLOCK) for k in (kv, kt, d - kv - kt))
+
+    return blocks(*widths) <= blocks(*fixed)
 
 
 def _orthogonal(n: int, gen: torch.Generator) -> Tensor:
@@ -179,7 +194,7 @@ def proxy_errors(
     for kv in cand_v:
         for kt in cand_t:
             plan = balanced_plan((kv, kt, d - kv - kt), out_features)
-            if plan is None:
+            if plan is None or not stores_no_more_blocks((kv, kt), fixed, d):
                 continue
             err = error(kv, kt, vision_order, text_order, plan[2])
             if err is None:
