@@ -196,6 +196,24 @@ ABLATIONS: dict[str, dict[str, dict]] = {
         "multi_max adaptive": dict(channel_selection="multi_max", outlier_widths="adaptive"),
         "mocd_error adaptive": dict(channel_selection="mocd_error", outlier_widths="adaptive"),
     },
+    # SplitQ's split at the bit-matched base's bits (outlier paths at the 4-bit floor like
+    # base-mp's, no MAC: its input is a second quantized activation of the main path)
+    "equal_bits": {
+        "split, no branches": dict(cws_rank_ratio=0.0, mac_rank_ratio=0.0),
+        "split + CWS": dict(mac_rank_ratio=0.0),
+        "mocd_error adaptive, no branches": dict(
+            channel_selection="mocd_error",
+            outlier_widths="adaptive",
+            cws_rank_ratio=0.0,
+            mac_rank_ratio=0.0,
+        ),
+        "mocd_error adaptive + CWS": dict(
+            channel_selection="mocd_error", outlier_widths="adaptive", mac_rank_ratio=0.0
+        ),
+        "multi_max, no branches": dict(
+            channel_selection="multi_max", cws_rank_ratio=0.0, mac_rank_ratio=0.0
+        ),
+    },
     # the two best selection rules with every other component on
     "selection_full": {
         "mocd": {},
