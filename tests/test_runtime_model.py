@@ -83,6 +83,9 @@ def test_torch_compile_of_a_decoder_layer(quantized):
     assert isinstance(layer.self_attn.k_proj, SplitQSiteLinear)
 
 
+#: A serving process: loads the saved model with ``import splitq_modifier`` only, runs it
+#: through the Triton kernels (the CUDA code path, in Triton's interpreter on CPU), saves the
+#: logits and reports which calibration modules it imported.
 _SERVE = textwrap.dedent(
     """
     import json, sys, torch
@@ -92,7 +95,7 @@ _SERVE = textwrap.dedent(
     model = AutoModelForImageTextToText.from_pretrained(sys.argv[1])
     sample = torch.load(sys.argv[1] + "/sample.pt", weights_only=False)
     with torch.no_grad():
-        model(**sample)
+        torch.save(model(**sample).logits, sys.argv[1] + "/triton_logits.pt")
     heavy = [m for m in sys.modules if m.split(".")[0] == "llmcompressor"]
     calib = ["splitq_modifier." + m for m in ("modifier", "calibrate", "mocd", "split_linear")]
     calib = [m for m in calib if m in sys.modules]
@@ -101,47 +104,29 @@ _SERVE = textwrap.dedent(
 )
 
 
-def test_serving_loads_without_llmcompressor(quantized):
+@pytest.fixture(scope="module")
+def served(quantized) -> dict:
+    """What the serving process reported (one process for the tests below)."""
     path = quantized[3]
-    proc = subprocess.run(
-        [sys.executable, "-c", _SERVE, str(path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
-    )
+    env = {**os.environ, "SPLITQ_TRITON_INTERPRET": "1", "TRITON_INTERPRET": "1",
+           "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", _SERVE, str(path)], capture_output=True,
+                          text=True, timeout=900, env=env)  # fmt: skip
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    res = json.loads(lines[-1][len("RESULT") :])
-    assert res == {"llmcompressor": [], "calibration": []}
+    return json.loads(lines[-1][len("RESULT") :])
 
 
-_INTERPRET = textwrap.dedent(
-    """
-    import sys, torch
-    import splitq_modifier
-    from transformers import AutoModelForImageTextToText
-
-    model = AutoModelForImageTextToText.from_pretrained(sys.argv[1])
-    sample = torch.load(sys.argv[1] + "/sample.pt", weights_only=False)
-    with torch.no_grad():
-        torch.save(model(**sample).logits, sys.argv[1] + "/triton_logits.pt")
-    """
-)
+def test_serving_loads_without_llmcompressor(served):
+    assert served == {"llmcompressor": [], "calibration": []}
 
 
-def test_triton_path_matches_reference_at_model_level(quantized):
+def test_triton_path_matches_reference_at_model_level(quantized, served):
     """A reloaded model's forward through the Triton kernels (CUDA code path, run by Triton's
     interpreter on CPU) gives the reference path's logits."""
     from transformers import AutoModelForImageTextToText
 
     _, _, sample, path = quantized
-    env = {**os.environ, "SPLITQ_TRITON_INTERPRET": "1", "TRITON_INTERPRET": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", _INTERPRET, str(path)], capture_output=True, text=True,
-        timeout=900, env={**env, "TOKENIZERS_PARALLELISM": "false"},
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(path / "triton_logits.pt")
     with torch.no_grad():
         ref = AutoModelForImageTextToText.from_pretrained(str(path))(**sample).logits
