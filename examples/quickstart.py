@@ -98,7 +98,7 @@ def main() -> None:
         if type(m).__name__ == "SplitQModifier"
     ]
 
-    print("\nMOCD channel selection per activation site:")
+    print("\nChannels on the vision and text outlier paths, per activation site:")
     for name, rep in modifier.report.items():
         if "vision" in rep:
             print(f"  {name:<45} vision {rep['vision']}  text {rep['text']}  (of {rep['dim']})")

@@ -86,9 +86,10 @@ def test_yaml_recipe_runs_through_oneshot(arch, tmp_path):
     assert f["top1_all"] > 0.5
 
 
-def test_mocd_recovers_planted_channels_in_oneshot(tmp_path):
+@pytest.mark.parametrize("rule", ["mocd_error", "mocd"])  # the default, the paper's
+def test_selection_recovers_planted_channels_in_oneshot(tmp_path, rule):
     tiny = build_tiny_vlm("qwen2_5_vl", hidden=128, layers=1, outliers=3, path=str(tmp_path))
-    mod = SplitQModifier(epochs=0, cws_rank_ratio=0, mac_rank_ratio=0)
+    mod = SplitQModifier(epochs=0, cws_rank_ratio=0, mac_rank_ratio=0, channel_selection=rule)
     _oneshot(tiny, [mod], n=8)
     site = mod.report["model.language_model.layers.0.attn_in"]
     assert jaccard(torch.tensor(site["vision"]), torch.tensor(tiny.vision_channels)) >= 0.9
