@@ -242,7 +242,7 @@ class SplitQSettings:
     text_outlier_ratio: float = 0.02
     channel_multiple: int = 32
     outlier_widths: str = "fixed"
-    channel_selection: str = "mocd_error"
+    channel_selection: str = "mocd"
     num_clusters: int = 3
     learn_transforms: bool = True
     rotation_init: bool = True

@@ -81,10 +81,10 @@ class SplitQModifier(Modifier):
     :param outlier_widths: ``fixed``: every site's outlier paths at the ratios; ``adaptive``:
         each site's widths chosen from the calibration data within the same outlier-channel
         budget per layer (:mod:`splitq_modifier.allocation`)
-    :param channel_selection: channel selection rule: ``mocd_error`` (MOCD's vision path, the
-        text path chosen to lower the main path's quantization error; the default, measured
-        at or below ``mocd`` on every model, ``docs/design.md``), the paper's ``mocd``, or an
-        ablation baseline
+    :param channel_selection: channel selection rule: the paper's ``mocd`` (the default),
+        ``mocd_error`` (MOCD's vision path, the text path chosen to lower the main path's
+        quantization error; the 2-3-bit-activation recipes' choice, ``docs/design.md``), or
+        an ablation baseline
     :param num_clusters: K of MOCD's per-channel k-means
     :param max_text_tokens: text-token rows kept per site for MOCD's text score
     :param learn_transforms: learn the invertible factors (False: smoothing + clipping only)
@@ -124,7 +124,7 @@ class SplitQModifier(Modifier):
     text_outlier_ratio: float = Field(default=0.02, ge=0.0, le=0.5)
     channel_multiple: int = Field(default=32, ge=1, le=512)
     outlier_widths: Literal["fixed", "adaptive"] = "fixed"
-    channel_selection: Literal[SELECTION_RULES] = "mocd_error"
+    channel_selection: Literal[SELECTION_RULES] = "mocd"
     num_clusters: int = Field(default=3, ge=1, le=16)
     max_text_tokens: int = Field(default=4096, ge=16)
     learn_transforms: bool = True
