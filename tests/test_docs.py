@@ -61,3 +61,18 @@ def test_readme_layout_table_names_paths_that_exist() -> None:
             if not (ROOT / path).exists():
                 missing.append(path)
     assert missing == []
+
+
+def test_every_shipped_recipe_parses_into_a_valid_modifier() -> None:
+    """Each recipe in recipes/ names valid fields and values, and the bits its file name says;
+    the 2-3-bit-activation recipes use ``mocd_error``, the others the paper's MOCD."""
+    import yaml
+
+    recipes = sorted((ROOT / "recipes").glob("splitq_*.yaml"))
+    assert len(recipes) == 6
+    for path in recipes:
+        stage = yaml.safe_load(path.read_text())["splitq_stage"]["splitq_modifiers"]
+        mod = SplitQModifier(**stage["SplitQModifier"])
+        w, a = (int(x) for x in re.fullmatch(r"splitq_w(\d)a(\d)", path.stem).groups())
+        assert (mod.weight_bits, mod.activation_bits) == (w, a), path.name
+        assert mod.channel_selection == ("mocd_error" if a <= 3 else "mocd"), path.name
