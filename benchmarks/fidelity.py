@@ -107,14 +107,15 @@ def recipe_splitq(wb: int, ab: int, epochs: int = 15, seed: int = 0, **overrides
     ]
 
 
-BASE = dict(channel_selection="none", cws_rank_ratio=0.0, mac_rank_ratio=0.0)
+#: the low-rank branches switched off (CWS and MAC ranks 0)
+NO_BRANCHES = dict(cws_rank_ratio=0.0, mac_rank_ratio=0.0)
+BASE = dict(channel_selection="none", **NO_BRANCHES)
 #: mixed precision without SplitQ's own parts: the per-modality max rule's channels kept as
 #: they are (no transform) at the floor's bits, no branches
-MIXED = dict(channel_selection="multi_max", outlier_transforms=False, cws_rank_ratio=0.0,
-             mac_rank_ratio=0.0)  # fmt: skip
+MIXED = dict(channel_selection="multi_max", outlier_transforms=False, **NO_BRANCHES)
 #: a QuIP-style rotation + GPTQ inside the same machinery: fixed random orthogonal Kronecker
 #: rotations (not learned: no training), no smoothing, GPTQ rounding
-ROTATION = dict(channel_selection="none", cws_rank_ratio=0.0, mac_rank_ratio=0.0,
+ROTATION = dict(channel_selection="none", **NO_BRANCHES,
                 smooth_alpha=None, epochs=0)  # fmt: skip
 
 
@@ -154,16 +155,19 @@ METHODS: dict[str, Callable[..., list]] = {
     "splitq-adaptive": lambda wb, ab, **kw: recipe_splitq(wb, ab, **kw, outlier_widths="adaptive"),
 }
 
+#: the error-driven text rule with adaptive widths
+ADAPTIVE_ERROR = dict(channel_selection="mocd_error", outlier_widths="adaptive")
+
 #: The paper's ablations as method name -> SplitQModifier overrides.
 ABLATIONS: dict[str, dict[str, dict]] = {
     "ladder": {
         "base": BASE,
-        "+MOCD": dict(cws_rank_ratio=0.0, mac_rank_ratio=0.0),
+        "+MOCD": NO_BRANCHES,
         "+CWS": dict(mac_rank_ratio=0.0),
         "+MAC": {},
     },
     "selection": {
-        rule: dict(channel_selection=rule, cws_rank_ratio=0.0, mac_rank_ratio=0.0)
+        rule: dict(channel_selection=rule, **NO_BRANCHES)
         for rule in (
             "none",
             "random",
@@ -177,12 +181,10 @@ ABLATIONS: dict[str, dict[str, dict]] = {
     },
     # the paper's rule, the best of its baselines and the error-driven rule (branches off)
     "selection_rules": {
-        rule: dict(channel_selection=rule, cws_rank_ratio=0.0, mac_rank_ratio=0.0)
+        rule: dict(channel_selection=rule, **NO_BRANCHES)
         for rule in ("mocd", "multi_max", "mocd_error")
     },
-    "clusters": {
-        f"K={k}": dict(num_clusters=k, cws_rank_ratio=0.0, mac_rank_ratio=0.0) for k in (1, 3, 5)
-    },
+    "clusters": {f"K={k}": dict(num_clusters=k, **NO_BRANCHES) for k in (1, 3, 5)},
     "mac_input": {
         "MAC residual": dict(mac_input="residual"),
         "MAC act": dict(mac_input="act"),
@@ -194,25 +196,16 @@ ABLATIONS: dict[str, dict[str, dict]] = {
         "multi_max": dict(channel_selection="multi_max"),
         "mocd_error": dict(channel_selection="mocd_error"),
         "multi_max adaptive": dict(channel_selection="multi_max", outlier_widths="adaptive"),
-        "mocd_error adaptive": dict(channel_selection="mocd_error", outlier_widths="adaptive"),
+        "mocd_error adaptive": ADAPTIVE_ERROR,
     },
     # SplitQ's split at the bit-matched base's bits (outlier paths at the 4-bit floor like
     # base-mp's, no MAC: its input is a second quantized activation of the main path)
     "equal_bits": {
-        "split, no branches": dict(cws_rank_ratio=0.0, mac_rank_ratio=0.0),
+        "split, no branches": NO_BRANCHES,
         "split + CWS": dict(mac_rank_ratio=0.0),
-        "mocd_error adaptive, no branches": dict(
-            channel_selection="mocd_error",
-            outlier_widths="adaptive",
-            cws_rank_ratio=0.0,
-            mac_rank_ratio=0.0,
-        ),
-        "mocd_error adaptive + CWS": dict(
-            channel_selection="mocd_error", outlier_widths="adaptive", mac_rank_ratio=0.0
-        ),
-        "multi_max, no branches": dict(
-            channel_selection="multi_max", cws_rank_ratio=0.0, mac_rank_ratio=0.0
-        ),
+        "mocd_error adaptive, no branches": dict(**ADAPTIVE_ERROR, **NO_BRANCHES),
+        "mocd_error adaptive + CWS": dict(**ADAPTIVE_ERROR, mac_rank_ratio=0.0),
+        "multi_max, no branches": dict(channel_selection="multi_max", **NO_BRANCHES),
     },
     # the two best selection rules with every other component on
     "selection_full": {
@@ -296,15 +289,22 @@ def load_bench(name: str, n_calib: int, n_eval: int, seed: int) -> Bench:
     )
 
 
+def _site_owners(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The model's SplitQ site owners by module name (one per activation site)."""
+    from splitq_modifier.runtime import SplitQSiteLinear
+
+    return {
+        n: m for n, m in model.named_modules() if isinstance(m, SplitQSiteLinear) and m.is_owner
+    }
+
+
 def effective_bits(model: torch.nn.Module, wb: int, ab: int) -> tuple[float, float]:
     """``(bits per weight, bits per activation)`` of the quantized language-model linears:
     stored code bits (paths and branch factors; scales left out) per original weight, and
     quantized activation code bits (paths, branch inputs and hidden states) per input channel
     and token; ``(wb, ab)`` for a model without SplitQ linears (every channel at the nominal
     bits)."""
-    from splitq_modifier.runtime import SplitQSiteLinear
-
-    owners = [m for m in model.modules() if isinstance(m, SplitQSiteLinear) and m.is_owner]
+    owners = list(_site_owners(model).values())
     if not owners:
         return float(wb), float(ab)
     w_bits = w_count = a_bits = a_count = 0
@@ -327,13 +327,7 @@ def effective_bits(model: torch.nn.Module, wb: int, ab: int) -> tuple[float, flo
 def outlier_widths(model: torch.nn.Module) -> dict[str, list[int]]:
     """``{site: [vision width, text width]}`` of the SplitQ sites (the owners' module names);
     empty for other methods."""
-    from splitq_modifier.runtime import SplitQSiteLinear
-
-    return {
-        name: list(m.params().sizes[:2])
-        for name, m in model.named_modules()
-        if isinstance(m, SplitQSiteLinear) and m.is_owner
-    }
+    return {name: list(m.params().sizes[:2]) for name, m in _site_owners(model).items()}
 
 
 def run_method(bench: Bench, fp: torch.nn.Module, recipe: list, seed: int = 0) -> dict:

@@ -193,8 +193,10 @@ def proxy_errors(
     null: dict[tuple[int, int], float] = {}
     for kv in cand_v:
         for kt in cand_t:
+            if not stores_no_more_blocks((kv, kt), fixed, d):
+                continue
             plan = balanced_plan((kv, kt, d - kv - kt), out_features)
-            if plan is None or not stores_no_more_blocks((kv, kt), fixed, d):
+            if plan is None:
                 continue
             err = error(kv, kt, vision_order, text_order, plan[2])
             if err is None:
